@@ -1,0 +1,1 @@
+"""Models: ``nn.Module``s that hold the math. They import no Lightning."""

@@ -1,0 +1,1 @@
+"""Systems: LightningModules that orchestrate models, losses, logging and optimizers."""
