@@ -1,0 +1,1 @@
+"""Subcommands of ``insightedit`` beyond Lightning's: each module has ``main(argv) -> int``."""
