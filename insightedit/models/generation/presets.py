@@ -23,6 +23,7 @@ from insightedit.models.generation.latent_space import LatentSpace, PixelUnshuff
 from insightedit.models.text_encoder import FrozenTextEncoder, tiny_clip_text_config, tiny_clip_tokenizer
 
 PRESETS = ("tiny", "full")
+TINY_SEED = 20250611
 
 # Stable Diffusion 1.5's UNet with InstructPix2Pix's 8 input channels (859,532,484 parameters).
 FULL_UNET_CONFIG: dict[str, Any] = {
@@ -130,7 +131,10 @@ def build_generation_components(
     if preset == "full" and pretrained is None and device is None:
         device = "meta"
     context = torch.device(device) if device is not None else torch.device("cpu")
-    with context:
+    # the tiny twin's frozen parts (text encoder, VAE) are a fixed "base model": same seed, same weights,
+    # so a checkpoint that stores only trained weights restores the whole model
+    with context, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
         if pretrained is not None and (Path(pretrained) / EDIT_UNET_CONFIG).is_file():
             # a folder we wrote: the UNet comes with its image branch, whatever the arguments say
             edit_unet = EditUNet.from_pretrained(pretrained)

@@ -1,0 +1,149 @@
+"""IAA, image-aware alignment: the Mapper from [MM] states to a CLIP image vector, and its frozen target.
+
+The Mapper turns the MLLM's [MM] states into one CLIP-image-sized vector; the frozen open_clip image
+encoder gives its target.
+
+``L_IAA = MSE(Mapper(h), CLIP(I_tar))``. The expansion of the vector to N image tokens is not here: the
+generation module's ``EditUNet.image_projection`` (diffusers' ``ImageProjection``) does it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from copy import deepcopy
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from insightedit.errors import UserError
+from insightedit.models.bridging.qformer import full_attention_mask
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``h`` (B, r, d) over r, counting only positions where ``mask`` (B, r) is set: (B, d)."""
+    if mask is None:
+        return h.mean(dim=1)  # (B, d)
+    weights = full_attention_mask(mask, h.shape[0], h.shape[1], h.device).to(h.dtype).unsqueeze(-1)  # (B, r, 1)
+    return (h * weights).sum(dim=1) / weights.sum(dim=1)  # (B, d)
+
+
+class Mapper(nn.Module):
+    """IAA's Mapper: mean-pool h (B, r, d_llm) over the [MM] positions, then LayerNorm -> MLP -> (B, D_clip).
+
+    Pooling first (*ours*; the paper says only "MLP from h") makes the Mapper independent of r and keeps
+    it small; the LayerNorm puts the pooled LLM state on a fixed scale before the first Linear.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, h: torch.Tensor, mm_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Map h (B, r, d_llm) to the IAA embedding (B, D_clip)."""
+        return self.mlp(self.norm(masked_mean(h, mm_mask)))  # (B, D_clip)
+
+
+class ClipImageEncoder(nn.Module):
+    """The frozen image tower of an open_clip model: CLIP-normalised pixels (B, 3, S, S) -> (B, D_clip).
+
+    Only ``visual`` is kept (the text tower is dropped). It never trains: its parameters do not require
+    gradients, ``train()`` leaves it in eval mode, and ``encode_image`` runs without autograd.
+
+    Args:
+        visual: an open_clip image tower (``model.visual``), whose output is the projected embedding.
+        normalize: L2-normalise the embedding (``False``: the raw projected embedding that IP-Adapter's
+            image projection is trained on).
+    """
+
+    def __init__(self, visual: nn.Module, normalize: bool = False) -> None:
+        super().__init__()
+        self.visual = visual.requires_grad_(False).eval()
+        self.normalize = normalize
+        size = getattr(visual, "image_size", 224)
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.embed_dim = int(getattr(visual, "output_dim", 0))
+
+    def train(self, mode: bool = True) -> ClipImageEncoder:
+        """Stay in eval mode whatever is asked (the target encoder is frozen)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embed CLIP-normalised pixels (B, 3, H, W) -> (B, D_clip); other sizes are resized (bicubic) first."""
+        if tuple(pixels.shape[-2:]) != self.image_size:
+            pixels = F.interpolate(pixels, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        weight = next(self.visual.parameters())
+        embeds = self.visual(pixels.to(device=weight.device, dtype=weight.dtype))  # (B, D_clip)
+        return F.normalize(embeds, dim=-1) if self.normalize else embeds
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`encode_image`."""
+        return self.encode_image(pixels)
+
+
+def _resolve_pretrained(model_name: str, pretrained: str) -> str:
+    """Accept a local file or a known open_clip tag; otherwise raise a clear :class:`UserError`."""
+    if os.path.isfile(pretrained):
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained in tags:
+        return pretrained
+    raise UserError(
+        f"CLIP weights {pretrained!r} for open_clip model {model_name!r} are neither a file nor a known tag "
+        f"({', '.join(tags) or 'none'}); give the path of a local open_clip checkpoint"
+    )
+
+
+def build_clip_image_encoder(
+    model: str | Mapping[str, Any] = "ViT-L-14",
+    pretrained: str | None = None,
+    quick_gelu: bool = False,
+    normalize: bool = False,
+    device: str | torch.device | None = None,
+    cache_dir: str | None = None,
+) -> ClipImageEncoder:
+    """Build the frozen CLIP image encoder from an open_clip model name or a model-config dict.
+
+    Args:
+        model: an open_clip model name (``"ViT-L-14"``), built with ``open_clip.create_model``, or a model
+            config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) built with ``open_clip.CLIP``.
+        pretrained: ``None`` (random init, nothing loaded or downloaded), a local checkpoint file, or an
+            open_clip tag such as ``"openai"`` (open_clip fetches it unless it is in ``cache_dir``). Not
+            allowed with a config dict.
+        quick_gelu: use QuickGELU, as OpenAI's CLIP weights require.
+        normalize: L2-normalise embeddings (see :class:`ClipImageEncoder`).
+        device: where to build; ``"meta"`` builds shapes only.
+    """
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(model, Mapping):
+        if pretrained is not None:
+            raise UserError("a CLIP config dict builds a random model; give weights with a model name instead")
+        config = dict(deepcopy(model))
+        config.setdefault("quick_gelu", quick_gelu)
+        with target:
+            clip = open_clip.CLIP(**config)
+    else:
+        resolved = _resolve_pretrained(model, pretrained) if pretrained is not None else None
+        try:
+            with target:
+                clip = open_clip.create_model(
+                    model,
+                    pretrained=resolved,
+                    device=target,
+                    force_quick_gelu=quick_gelu,
+                    cache_dir=cache_dir,
+                    require_pretrained=resolved is not None,
+                )
+        except RuntimeError as error:
+            if resolved is None:
+                raise
+            raise UserError(
+                f"could not load CLIP weights {pretrained!r} for {model!r} (no network here? give a local "
+                f"checkpoint file): {error}"
+            ) from error
+    return ClipImageEncoder(clip.visual, normalize=normalize)

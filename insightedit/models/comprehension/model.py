@@ -1,0 +1,210 @@
+"""The comprehension model: LLaVA + LoRA reads the image and the instruction and answers with [MM] tokens.
+
+``forward`` gives ``h``, the LLM's last-layer hidden states at the r [MM] positions (after the final
+RMSNorm, i.e. ``hidden_states[-1]`` as SmartEdit reads it), the vision tower's patch features at
+LLaVA's own ``vision_feature_layer`` (-2 for LLaVA-1.5, before the projector, CLS dropped) for the
+bridge, and ``L_LLM``. Both come from the one LLaVA pass. Only the LoRA matrices and the new [MM] rows
+train (see :mod:`insightedit.models.comprehension.tokens` for how the old rows stay frozen).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+from insightedit.models.comprehension.prompts import EncodedPrompts, PromptEncoder
+from insightedit.models.comprehension.tokens import (
+    NewRowsEmbedding,
+    NewRowsHead,
+    add_mm_tokens,
+    install_mm_rows,
+    mm_token_names,
+)
+
+MM_ROWS_FILE = "mm_embeddings.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+@dataclass
+class ComprehensionOutput:
+    """What the comprehension model hands the bridge."""
+
+    h: torch.Tensor  # (B, r, d_llm) last-layer hidden states at the [MM] positions
+    vision_features: torch.Tensor  # (B, P, d_vision) patch features for the bridge
+    loss_llm: torch.Tensor | None  # NLL on the [MM] tokens (None when compute_loss=False)
+
+
+class ComprehensionModel(nn.Module):
+    """LLaVA with r [MM] tokens and LoRA on its language model: (image, instruction) -> ``h``.
+
+    Args:
+        llava: a loaded (or meta-device) ``LlavaForConditionalGeneration``; possibly bitsandbytes-quantized.
+        tokenizer: its tokenizer (``None`` only for a meta-device build, which cannot run forward).
+        num_mm_tokens: r.
+        lora: the LoRA config (``None``: no adapter; only the [MM] rows train).
+        gradient_checkpointing: recompute the LLM's activations in the backward pass.
+        quantized: the base is 4-/8-bit: prepare it with ``prepare_model_for_kbit_training``.
+        first_mm_id: id of ``[MM0]`` when there is no tokenizer (meta build); ignored otherwise.
+    """
+
+    def __init__(
+        self,
+        llava: LlavaForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase | None,
+        num_mm_tokens: int = 32,
+        lora: LoraConfig | None = None,
+        gradient_checkpointing: bool = False,
+        quantized: bool = False,
+        first_mm_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        config = llava.config
+        vision = config.vision_config
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError("only a single vision_feature_layer is supported for the bridge's patch features")
+        self.hidden_size = int(config.text_config.hidden_size)
+        self.vision_hidden_size = int(vision.hidden_size)
+        self.num_mm_tokens = int(num_mm_tokens)
+        self.image_size = int(vision.image_size)
+        grid = self.image_size // int(vision.patch_size)
+        self.vision_grid = (grid, grid)
+        self.vision_feature_layer = int(config.vision_feature_layer)
+        self.mm_tokens = mm_token_names(num_mm_tokens)
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            first_mm_id = add_mm_tokens(tokenizer, num_mm_tokens)
+        elif first_mm_id is None:
+            first_mm_id = int(config.text_config.vocab_size)
+        self.first_mm_id = int(first_mm_id)
+
+        if quantized:
+            llava = prepare_model_for_kbit_training(
+                llava, gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        llava.requires_grad_(False)
+        install_mm_rows(llava, self.first_mm_id, self.num_mm_tokens)
+        self.llava: LlavaForConditionalGeneration | PeftModel = (
+            get_peft_model(llava, lora) if lora is not None else llava
+        )
+        for parameter in self.trainable_parameter_groups()["mm_embeddings"]:
+            parameter.requires_grad_(True)
+        if gradient_checkpointing:
+            llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.prompts = (
+            PromptEncoder(tokenizer, self.mm_tokens, config.image_token_id, grid * grid)
+            if tokenizer is not None
+            else None
+        )
+        self.train()  # from_pretrained leaves models in eval mode; a fresh module starts in train mode
+
+    @property
+    def base_model(self) -> LlavaForConditionalGeneration:
+        """The LLaVA model itself (LoRA layers live inside it)."""
+        return self.llava.get_base_model() if isinstance(self.llava, PeftModel) else self.llava
+
+    @property
+    def input_rows(self) -> NewRowsEmbedding:
+        """The input embedding with the [MM] rows."""
+        return self.base_model.get_input_embeddings()
+
+    @property
+    def output_rows(self) -> NewRowsHead:
+        """The output head with the [MM] rows."""
+        return self.base_model.get_output_embeddings()
+
+    def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters that train: ``{"lora": LoRA A/B matrices, "mm_embeddings": new [MM] rows}``."""
+        lora = [p for name, p in self.llava.named_parameters() if "lora_" in name]  # whatever requires_grad says
+        rows = [self.input_rows.new_rows]
+        if self.output_rows.new_rows is not self.input_rows.new_rows:
+            rows.append(self.output_rows.new_rows)
+        return {"lora": lora, "mm_embeddings": rows}
+
+    def encode(self, instructions: list[str], device: torch.device | str | None = None) -> EncodedPrompts:
+        """Tokenise instructions into prompts answered by the [MM] tokens."""
+        if self.prompts is None:
+            raise RuntimeError("this comprehension model has no tokenizer (a meta build): load real weights")
+        return self.prompts(instructions, device)
+
+    def forward(
+        self, pixel_values: torch.Tensor, instructions: list[str], compute_loss: bool = True
+    ) -> ComprehensionOutput:
+        """Read ``h`` (B, r, d_llm), patch features (B, P, d_vision) and ``L_LLM`` for CLIP-normalised images."""
+        if len(instructions) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(instructions)} instructions")
+        batch = self.encode(list(instructions), pixel_values.device)
+        model = self.base_model
+        vision_dtype = model.model.vision_tower.get_input_embeddings().weight.dtype
+        out = model.model(
+            input_ids=batch.input_ids,
+            pixel_values=pixel_values.to(vision_dtype),  # (B, 3, H, W)
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            vision_feature_layer=self.vision_feature_layer,
+        )
+        hidden = out.last_hidden_state  # (B, L, d_llm), after the final norm
+        size = (pixel_values.shape[0], self.num_mm_tokens, self.hidden_size)
+        h = hidden[batch.mm_mask].view(size)  # (B, r, d_llm)
+        patches = out.image_outputs.hidden_states[self.vision_feature_layer][:, 1:]  # (B, P, d_vision)
+        loss = None
+        if compute_loss:
+            predicts_mm = batch.mm_mask[:, 1:]  # (B, L-1): the next token is an [MM] token
+            logits = self.output_rows(hidden[:, :-1][predicts_mm])  # (B*r, V')
+            loss = F.cross_entropy(logits.float(), batch.labels[:, 1:][predicts_mm])
+        return ComprehensionOutput(h=h, vision_features=patches, loss_llm=loss)
+
+    def _rows_metadata(self) -> dict[str, str]:
+        """What a saved set of [MM] rows must match to be loaded."""
+        return {
+            "mm_tokens": json.dumps(self.mm_tokens),
+            "first_mm_id": str(self.first_mm_id),
+            "hidden_size": str(self.hidden_size),
+        }
+
+    def save_trainable(self, directory: str | Path) -> Path:
+        """Write the LoRA adapter (peft format) and the [MM] rows (safetensors); never the frozen base."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.llava, PeftModel):
+            self.llava.save_pretrained(str(directory), save_embedding_layers=False)
+        rows = {"input": self.input_rows.new_rows.detach().cpu().contiguous()}
+        if self.output_rows.new_rows is not self.input_rows.new_rows:
+            rows["output"] = self.output_rows.new_rows.detach().cpu().contiguous()
+        save_file(rows, str(directory / MM_ROWS_FILE), metadata=self._rows_metadata())
+        return directory
+
+    @torch.no_grad()
+    def load_trainable(self, directory: str | Path) -> None:
+        """Load what :meth:`save_trainable` wrote into this model (same r, [MM] ids, widths and LoRA)."""
+        directory = Path(directory)
+        path = directory / MM_ROWS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MM_ROWS_FILE} in {directory}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata != self._rows_metadata():
+            raise ValueError(f"{path} was saved for another [MM] setup: {metadata} vs {self._rows_metadata()}")
+        rows = load_file(str(path))
+        self.input_rows.new_rows.copy_(rows["input"])
+        if self.output_rows.new_rows is not self.input_rows.new_rows:
+            self.output_rows.new_rows.copy_(rows["output"])
+        has_adapter, has_lora = (directory / ADAPTER_CONFIG_FILE).is_file(), isinstance(self.llava, PeftModel)
+        if has_adapter != has_lora:
+            raise ValueError(f"LoRA mismatch: adapter saved: {has_adapter}, model has LoRA: {has_lora}")
+        if has_adapter:
+            result = set_peft_model_state_dict(self.llava, load_peft_weights(str(directory)))
+            if result.unexpected_keys:
+                raise ValueError(f"unexpected LoRA weights in {directory}: {result.unexpected_keys[:5]}")
+            missing = [key for key in result.missing_keys if "lora_" in key]
+            if missing:
+                raise ValueError(f"LoRA weights missing from {directory}: {missing[:5]}")

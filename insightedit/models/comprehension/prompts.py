@@ -1,0 +1,105 @@
+r"""Prompts for the comprehension module: chat template + image + instruction, answered by the [MM] tokens.
+
+Every edit is one LLaVA-1.5 turn, ``USER: <image>\n{instruction} ASSISTANT: [MM0]...[MM{r-1}]``, built
+with the tokenizer's own chat template (the model's format; :data:`LLAVA_15_CHAT_TEMPLATE` when the
+tokenizer has none). The [MM] tokens are the teacher-forced answer in training and at inference alike:
+``h`` is read at their positions and ``L_LLM`` is the NLL of predicting them (labels -100 elsewhere).
+The single ``<image>`` token is expanded to one token per vision patch, as ``LlavaProcessor`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), accepting llava-hf's message schema
+# (content as a string or a list of {"type": "image"} / {"type": "text", "text": ...} items).
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@dataclass
+class EncodedPrompts:
+    """A padded batch of prompts with the [MM] positions and the ``L_LLM`` labels."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 0 on padding
+    mm_mask: torch.Tensor  # (B, L) bool, True at the r [MM] positions of each row
+    labels: torch.Tensor  # (B, L) long, the [MM] ids at their positions, IGNORE_INDEX elsewhere
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Positions counted over real tokens only, so left and right padding give the same result."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+
+
+class PromptEncoder:
+    """Turns instructions into LLaVA prompts answered by the [MM] tokens, tokenised and padded."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        mm_tokens: Sequence[str],
+        image_token_id: int,
+        num_image_tokens: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.mm_tokens = list(mm_tokens)
+        self.mm_token_ids = tokenizer.convert_tokens_to_ids(self.mm_tokens)
+        self.image_token_id = int(image_token_id)
+        self.num_image_tokens = int(num_image_tokens)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = LLAVA_15_CHAT_TEMPLATE
+        self.answer = " " + "".join(self.mm_tokens)
+
+    def prompt(self, instruction: str) -> str:
+        """The full text of one turn: chat-templated user message with the image, then the [MM] answer."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        head = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(head) + self.answer
+
+    def _expand_image(self, ids: list[int]) -> list[int]:
+        """Replace the single image token by ``num_image_tokens`` copies (one per vision patch)."""
+        where = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        if len(where) != 1:
+            raise ValueError(f"a prompt must hold exactly one image token, found {len(where)}")
+        i = where[0]
+        return ids[:i] + [self.image_token_id] * self.num_image_tokens + ids[i + 1 :]
+
+    def __call__(self, instructions: Sequence[str], device: torch.device | str | None = None) -> EncodedPrompts:
+        """Encode a batch of instructions; every row holds the r [MM] tokens exactly once, in order."""
+        if isinstance(instructions, str):
+            raise TypeError("instructions must be a sequence of strings, not one string")
+        rows = [self._expand_image(self.tokenizer(self.prompt(text))["input_ids"]) for text in instructions]
+        length = max(len(row) for row in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        left = self.tokenizer.padding_side == "left"
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, row in enumerate(rows):
+            span = slice(length - len(row), length) if left else slice(0, len(row))
+            input_ids[b, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, span] = 1
+        mm_ids = torch.tensor(self.mm_token_ids, dtype=torch.long)
+        mm_mask = torch.isin(input_ids, mm_ids) & attention_mask.bool()
+        counts_ok = bool((mm_mask.sum(dim=1) == len(mm_ids)).all())
+        if not counts_ok or not torch.equal(input_ids[mm_mask].view(len(rows), -1), mm_ids.expand(len(rows), -1)):
+            raise ValueError("each prompt must end with the [MM] tokens exactly once (is one in the instruction?)")
+        labels = torch.where(mm_mask, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        batch = EncodedPrompts(input_ids, attention_mask, mm_mask, labels)
+        if device is not None:
+            batch = EncodedPrompts(*(t.to(device) for t in (input_ids, attention_mask, mm_mask, labels)))
+        return batch

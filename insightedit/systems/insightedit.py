@@ -1,0 +1,231 @@
+"""The InsightEdit system: comprehension, bridging and generation composed, trained stage by stage.
+
+One LightningModule holds the three modules as direct attributes (``comprehension``, ``bridging``,
+``generation``). The stage (:mod:`insightedit.systems.stages`) decides which parts train, which losses
+count and with which weights. Checkpoints keep only what trains (never the frozen 7B base) plus the
+hyperparameters, and the next stage starts from them with ``init_from``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from insightedit.errors import UserError
+from insightedit.systems.bridging import BridgingModule
+from insightedit.systems.comprehension import ComprehensionModule
+from insightedit.systems.generation import GenerationModule
+from insightedit.systems.stages import GROUPS, LOSSES, OPTIMIZER_GROUPS, StageSettings, resolve_stage
+
+
+class InsightEditSystem(L.LightningModule):
+    """MLLM → Q-Former/BIM/IAA → UNet with decoupled cross-attention, and the paper's four losses.
+
+    Args:
+        preset: ``"tiny"`` (CPU twins of everything) or ``"full"`` (LLaVA-1.5-7B, InstructPix2Pix,
+            CLIP ViT-L/14; built on ``meta`` unless the module sections name weights).
+        stage: 1 (align), 2 (edit) or 3 (full).
+        stage_settings: overrides of the stage's defaults (``train``, ``loss_weights``, ``use_unet``,
+            ``use_bim``, ``learning_rates``).
+        comprehension, bridging, generation: keyword arguments of each module (weights, sizes, LoRA,
+            quantization...); the widths that connect them are filled in here.
+        init_from: a checkpoint of the previous stage to start from.
+        weight_decay: AdamW weight decay for every group.
+        warmup_steps: linear warmup, then cosine decay to 10% over the run.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        stage: int = 3,
+        stage_settings: dict[str, Any] | None = None,
+        comprehension: dict[str, Any] | None = None,
+        bridging: dict[str, Any] | None = None,
+        generation: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.stage: StageSettings = resolve_stage(stage, stage_settings)
+        self.comprehension = ComprehensionModule(preset=preset, **(comprehension or {}))
+        self.generation = GenerationModule(preset=preset, **(generation or {}))
+        mllm, unet = self.comprehension.model, self.generation.unet
+        if unet.image_embed_dim is None:
+            raise ValueError("the InsightEdit system needs the UNet's image branch (generation.image_embed_dim != 0)")
+        wiring = {
+            "d_llm": mllm.hidden_size,
+            "d_vision": mllm.vision_hidden_size,
+            "text_dim": int(unet.unet.config.cross_attention_dim),
+            "unet_in_width": int(unet.unet.config.block_out_channels[0]),
+            "clip_dim": unet.image_embed_dim,
+        }
+        self.bridging = BridgingModule(preset=preset, **{**wiring, **(bridging or {})})
+        self.strict_loading = False  # checkpoints hold only trained weights; on_load_checkpoint checks them
+        self._carried: set[str] = set()
+        self.apply_stage()
+        if init_from:
+            self.load_trained_weights(init_from)
+
+    # --------------------------------------------------------------------------------------- stages
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Every trainable-in-some-stage parameter by group, then by its name in this system."""
+        names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
+        members: dict[str, list[nn.Parameter]] = {}
+        members.update(self.comprehension.model.trainable_parameter_groups())
+        members.update({k: v for k, v in self.bridging.model.parameter_groups().items() if k in GROUPS})
+        members["unet"] = list(self.generation.unet.parameters())
+        return {group: {names[id(p)]: p for p in members.get(group, [])} for group in GROUPS}
+
+    def apply_stage(self) -> None:
+        """Freeze everything, then unfreeze the stage's groups; switch the BIM on or off."""
+        self.requires_grad_(False)
+        groups = self.parameter_groups()
+        for group in self.stage.train:
+            for parameter in groups[group].values():
+                parameter.requires_grad_(True)
+        self.bridging.model.use_bim = self.stage.use_bim
+
+    def trainable_names(self) -> set[str]:
+        """Names of the parameters this stage trains."""
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    # --------------------------------------------------------------------------------------- losses
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Every loss the stage weighs (``llm``, ``iaa``, ``align``, ``diff``) and their weighted sum ``loss``."""
+        stage = self.stage
+        instructions = list(batch["instruction"])
+        understood = self.comprehension.model(batch["mllm_source"], instructions, compute_loss=stage.weight("llm") > 0)
+        source = batch["source"]  # (B, 3, H, W) in [-1, 1]
+        down = self.generation.latent_space.downsample
+        latent_size = (source.shape[-2] // down, source.shape[-1] // down)
+        bridge = self.bridging.model(
+            understood.h, understood.vision_features, self.comprehension.model.vision_grid, latent_size
+        )
+        losses: dict[str, torch.Tensor] = {}
+        if stage.weight("llm") > 0:
+            assert understood.loss_llm is not None
+            losses["llm"] = understood.loss_llm
+        if stage.weight("iaa") > 0:
+            losses["iaa"] = self.bridging.model.iaa_loss(bridge.image_embeds, batch["clip_target"])
+        if stage.weight("align") > 0:
+            caption_embeds = self.generation.encode_text(list(batch["target_caption"]))  # (B, 77, D_txt)
+            losses["align"] = self.bridging.model.alignment_loss(bridge.q, caption_embeds)
+        if stage.use_unet and stage.weight("diff") > 0:
+            losses["diff"] = self.generation.diffusion_loss(
+                source, batch["target"], bridge.f_txt, image_embeds=bridge.image_embeds, v_txt=bridge.v_txt
+            )
+        losses["loss"] = sum(stage.weight(name) * value for name, value in losses.items())
+        return losses
+
+    def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, value in losses.items():
+            key = f"{prefix}/loss" if name == "loss" else f"{prefix}/loss_{name}"
+            self.log(key, value, prog_bar=name in ("loss", "diff"), batch_size=batch_size, sync_dist=prefix != "train")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The stage's weighted loss; each loss logged on its own as ``train/loss_<name>``."""
+        losses = self.compute_losses(batch)
+        self._log_losses("train", losses, batch["source"].shape[0])
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The same losses on held-out pairs (CFG dropout off)."""
+        self._log_losses("val", self.compute_losses(batch), batch["source"].shape[0])
+
+    # ------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        """AdamW with one parameter group per optimizer group (lora, bridge, unet), each its own lr."""
+        groups = self.parameter_groups()
+        param_groups = []
+        for optimizer_group, members in OPTIMIZER_GROUPS.items():
+            params = [p for g in members for p in groups[g].values() if p.requires_grad]
+            if params:
+                lr = float(self.stage.learning_rates[optimizer_group])
+                param_groups.append({"params": params, "lr": lr, "name": optimizer_group})
+        if not param_groups:
+            raise UserError(f"stage {self.stage.name!r} trains nothing: check stage_settings.train")
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=self.hparams["weight_decay"])
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        warmup = int(self.hparams["warmup_steps"])
+
+        def scale(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def saved_names(self) -> set[str]:
+        """What a checkpoint keeps: this stage's trainable weights and those carried from earlier stages."""
+        return self.trainable_names() | self._carried
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen weights (the LLM base, vision tower, VAE, CLIP, text encoder) from the checkpoint."""
+        keep = self.saved_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["insightedit"] = {"stage": self.stage.as_dict(), "saved": sorted(keep)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming: every weight this stage trains must be in the checkpoint."""
+        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+        if missing:
+            raise UserError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}")
+
+    def load_trained_weights(self, path: str | Path) -> list[str]:
+        """Start from a previous stage's checkpoint: load its weights, check every key; return the keys."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"init_from: checkpoint {path} not found")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            state = checkpoint["state_dict"]
+        except Exception as error:  # noqa: BLE001 - a corrupt file is a user error, said in one line
+            raise UserError(f"init_from: {path} is not a readable Lightning checkpoint ({error})") from error
+        own = dict(self.named_parameters())
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            raise UserError(f"init_from: {path} has weights this system lacks, e.g. {unexpected[:3]}")
+        for name, value in state.items():
+            if own[name].shape != value.shape:
+                raise UserError(f"init_from: {name} has shape {tuple(value.shape)}, expected {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+        self._carried |= set(state)
+        return sorted(state)
+
+    # ------------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def edit(
+        self,
+        source: torch.Tensor,
+        mllm_source: torch.Tensor,
+        instructions: list[str],
+        image_scale: float | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Edit ``source`` (B, 3, H, W) in [-1, 1]; MLLM and bridge run once, the UNet once per step."""
+        understood = self.comprehension.model(mllm_source, instructions, compute_loss=False)
+        down = self.generation.latent_space.downsample
+        latent_size = (source.shape[-2] // down, source.shape[-1] // down)
+        bridge = self.bridging.model(
+            understood.h, understood.vision_features, self.comprehension.model.vision_grid, latent_size
+        )
+        if image_scale is not None:
+            self.generation.unet.image_scale = image_scale
+        return self.generation.edit(
+            source, f_txt=bridge.f_txt, image_embeds=bridge.image_embeds, v_txt=bridge.v_txt, **sampling
+        )
+
+
+__all__ = ["InsightEditSystem", "LOSSES"]
