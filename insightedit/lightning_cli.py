@@ -6,14 +6,36 @@ use omegaconf interpolation (``${...}``).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from insightedit.errors import UserError
+
 
 class InsightEditCLI(LightningCLI):
     """Lightning's CLI with the project's defaults: omegaconf configs, subclass mode for models and data."""
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a config that cannot be built is one line, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, UserError) as error:
+            if os.environ.get("INSIGHTEDIT_DEBUG"):
+                raise
+            raise UserError(f"cannot build what the config describes: {_first_reason(error)}") from error
+
+
+def _first_reason(error: Exception) -> str:
+    """The most specific line of jsonargparse's nested 'Does not validate against any of ...' report."""
+    reasons = [
+        line.strip()[2:]
+        for line in str(error).splitlines()
+        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
+    ]
+    return reasons[0] if reasons else str(error).splitlines()[0]
 
 
 def run_lightning_cli(argv: list[str]) -> int:

@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from insightedit.models.comprehension import build_comprehension, build_llava
-from insightedit.models.comprehension.presets import FULL_PARAMETERS, write_tiny_llava
+from insightedit.models.comprehension.presets import FULL_PARAMETERS, tiny_llava_config, write_tiny_llava
+from insightedit.models.comprehension.tiny_tokenizer import train_tiny_tokenizer
+from insightedit.models.comprehension.tokens import mean_row
 
 INSTRUCTIONS = ["Remove the red circle.", "add a blue square in the top left"]
 LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -153,6 +156,24 @@ def test_pretrained_folder_loads_the_same_tiny_model(tmp_path):
         a = from_config(images(), INSTRUCTIONS)
         b = from_folder(images(), INSTRUCTIONS)
     assert torch.equal(a.h, b.h) and torch.equal(a.loss_llm, b.loss_llm)
+
+
+def test_llava_hf_layout_with_padded_embedding_rows(tmp_path):
+    # llava-hf's matrix has 32064 rows for 32002 tokens: the [MM] ids land inside the padded rows.
+    tokenizer = train_tiny_tokenizer()
+    config = tiny_llava_config(tokenizer)
+    config.text_config.vocab_size = len(tokenizer) + 40
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    model = build_comprehension("tiny", pretrained=str(tmp_path))
+    assert model.first_mm_id == len(tokenizer) and model.output_rows.vocab_size == len(tokenizer) + 40
+    old_rows = model.input_rows.base.weight.detach().clone()
+    assert torch.equal(model.input_rows.new_rows[0], mean_row(old_rows, len(tokenizer), 1)[0])
+    out = model(images(), INSTRUCTIONS)
+    assert out.h.shape == (2, 32, 64) and math.isfinite(out.loss_llm.item())
+    out.loss_llm.backward()
+    assert model.input_rows.new_rows.grad.abs().sum() > 0 and model.input_rows.base.weight.grad is None
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads():

@@ -77,6 +77,12 @@ def test_prompt_is_llava15_chat_format_with_mm_answer():
     assert batch.attention_mask[0, 0] == 0 and batch.position_ids[0][batch.attention_mask[0].bool()][0] == 0
     with pytest.raises(ValueError, match="exactly once"):
         encoder(["say [MM2] please"])
+    # A text-only (Vicuna-style) template gets the image token inside the text: the same prompt.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'].upper() + ': ' + m['content'] + ' ' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+    assert encoder.prompt("Remove the red circle.").startswith("USER: <image>\nRemove the red circle. ASSISTANT: [MM0]")
 
 
 def test_new_rows_embedding_reads_old_and_new_rows():

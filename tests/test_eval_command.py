@@ -184,7 +184,7 @@ def test_advancededit_protocol_with_records(tmp_path: Path) -> None:
                 id=f"r{index}",
                 source_id=str(index),
                 source_path=source,
-                target_path=target,
+                target_path=target if index != 1 else images / "not-released.png",
                 instructions=["make it so"],
                 reasoning_instructions=[],
                 task_type=task,
@@ -224,7 +224,8 @@ def test_advancededit_protocol_with_records(tmp_path: Path) -> None:
     assert report["missing"] == ["r2"]
     assert rows["r0"]["psnr_target_capped"] and rows["r0"]["lpips_target"] == 0.0
     assert abs(rows["r0"]["ssim_target"] - 1) < 1e-6
-    assert rows["r1"]["psnr_capped"] and rows["r1"]["lpips"] == 0.0 and not rows["r1"]["psnr_target_capped"]
+    assert rows["r1"]["psnr_capped"] and rows["r1"]["lpips"] == 0.0
+    assert rows["r1"]["psnr_target"] is None and "target image not found" in report["notes"]["r1"]
     assert set(report["groups"]) == {"all", "subset:remove", "subset:replace"}
     assert report["protocol"]["with_target_metrics"] is True and report["resolution"] == 64
     assert "64x64" in report["protocol"]["preservation"]

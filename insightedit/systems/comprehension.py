@@ -90,13 +90,13 @@ class ComprehensionModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with two groups: the LoRA matrices and the [MM] rows (the frozen rows are in neither)."""
-        hp = self.hparams
+        hp = dict(self.hparams)
         groups = self.model.trainable_parameter_groups()
         settings = {
-            "lora": (hp.learning_rate, hp.weight_decay),
+            "lora": (hp["learning_rate"], hp["weight_decay"]),
             "mm_embeddings": (
-                hp.mm_learning_rate if hp.mm_learning_rate is not None else hp.learning_rate,
-                hp.mm_weight_decay if hp.mm_weight_decay is not None else hp.weight_decay,
+                hp["learning_rate"] if hp["mm_learning_rate"] is None else hp["mm_learning_rate"],
+                hp["weight_decay"] if hp["mm_weight_decay"] is None else hp["mm_weight_decay"],
             ),
         }
         param_groups = [

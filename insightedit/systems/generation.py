@@ -65,6 +65,9 @@ class GenerationModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         device: str | None = None,
     ) -> None:
+        # our own copy of the arguments: when this module is built inside another one under LightningCLI,
+        # `save_hyperparameters` records the outer module's config, not these
+        self.settings: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.save_hyperparameters()
         if prediction_type not in PREDICTION_TYPES:
@@ -128,10 +131,10 @@ class GenerationModule(L.LightningModule):
         self, batch_size: int, generator: torch.Generator | None, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample masks (B,) of which samples lose the instruction and which lose the source."""
-        p = self.hparams
+        text, source, both = (self.settings[k] for k in ("drop_text_prob", "drop_source_prob", "drop_both_prob"))
         u = torch.rand(batch_size, generator=generator, device=device)
-        drop_text = u < p.drop_text_prob + p.drop_both_prob
-        drop_source = (u >= p.drop_text_prob) & (u < p.drop_text_prob + p.drop_both_prob + p.drop_source_prob)
+        drop_text = u < text + both
+        drop_source = (u >= text) & (u < text + both + source)
         return drop_text, drop_source
 
     def diffusion_loss(
@@ -163,7 +166,7 @@ class GenerationModule(L.LightningModule):
                 image_embeds = image_embeds * (~drop_text)[:, None].to(image_embeds.dtype)
             source_latents = source_latents * (~drop_source)[:, None, None, None].to(source_latents.dtype)
         prediction = self.unet(noisy, source_latents, timesteps, f_txt, image_embeds=image_embeds, v_txt=v_txt)
-        if self.hparams.prediction_type == "epsilon":
+        if self.settings["prediction_type"] == "epsilon":
             goal = noise
         else:
             goal = self.noise_scheduler.get_velocity(target_latents, noise, timesteps)
@@ -195,7 +198,9 @@ class GenerationModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters."""
         parameters = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            parameters, lr=self.settings["learning_rate"], weight_decay=self.settings["weight_decay"]
+        )
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -255,7 +260,7 @@ class GenerationModule(L.LightningModule):
             latent = {"kind": "pixel_unshuffle", "factor": self.latent_space.factor}
         else:
             raise TypeError(f"cannot save latent space {type(self.latent_space).__name__}")
-        settings = {"latent": latent, "hparams": {k: v for k, v in self.hparams.items() if k != "pretrained"}}
+        settings = {"latent": latent, "hparams": {k: v for k, v in self.settings.items() if k != "pretrained"}}
         (directory / "generation_config.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
 
     @classmethod

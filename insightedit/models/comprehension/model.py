@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ class ComprehensionModel(nn.Module):
         first_mm_id: int | None = None,
     ) -> None:
         super().__init__()
-        config = llava.config
+        config: Any = llava.config  # LlavaConfig (typed loosely by transformers)
         vision = config.vision_config
         if not isinstance(config.vision_feature_layer, int):
             raise ValueError("only a single vision_feature_layer is supported for the bridge's patch features")
@@ -100,8 +101,9 @@ class ComprehensionModel(nn.Module):
             parameter.requires_grad_(True)
         if gradient_checkpointing:
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        with_cls = int(config.vision_feature_select_strategy == "full")  # the projector then keeps CLS too
         self.prompts = (
-            PromptEncoder(tokenizer, self.mm_tokens, config.image_token_id, grid * grid)
+            PromptEncoder(tokenizer, self.mm_tokens, config.image_token_id, grid * grid + with_cls)
             if tokenizer is not None
             else None
         )
@@ -110,17 +112,18 @@ class ComprehensionModel(nn.Module):
     @property
     def base_model(self) -> LlavaForConditionalGeneration:
         """The LLaVA model itself (LoRA layers live inside it)."""
-        return self.llava.get_base_model() if isinstance(self.llava, PeftModel) else self.llava
+        model = self.llava.get_base_model() if isinstance(self.llava, PeftModel) else self.llava
+        return cast(LlavaForConditionalGeneration, model)
 
     @property
     def input_rows(self) -> NewRowsEmbedding:
         """The input embedding with the [MM] rows."""
-        return self.base_model.get_input_embeddings()
+        return cast(NewRowsEmbedding, self.base_model.get_input_embeddings())
 
     @property
     def output_rows(self) -> NewRowsHead:
         """The output head with the [MM] rows."""
-        return self.base_model.get_output_embeddings()
+        return cast(NewRowsHead, self.base_model.get_output_embeddings())
 
     def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters that train: ``{"lora": LoRA A/B matrices, "mm_embeddings": new [MM] rows}``."""
@@ -202,7 +205,7 @@ class ComprehensionModel(nn.Module):
         if has_adapter != has_lora:
             raise ValueError(f"LoRA mismatch: adapter saved: {has_adapter}, model has LoRA: {has_lora}")
         if has_adapter:
-            result = set_peft_model_state_dict(self.llava, load_peft_weights(str(directory)))
+            result: Any = set_peft_model_state_dict(self.llava, load_peft_weights(str(directory)))
             if result.unexpected_keys:
                 raise ValueError(f"unexpected LoRA weights in {directory}: {result.unexpected_keys[:5]}")
             missing = [key for key in result.missing_keys if "lora_" in key]

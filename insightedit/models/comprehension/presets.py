@@ -93,7 +93,7 @@ def llava_config(vision: dict[str, Any], text: dict[str, Any], image_token_id: i
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**vision),
         text_config=LlamaConfig(**text),
-        image_token_id=image_token_id,
+        image_token_index=image_token_id,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -113,7 +113,7 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerBase, image_size: int = 32) 
     text = {**TINY_TEXT_CONFIG, "vocab_size": len(tokenizer), "pad_token_id": pad_id}
     text |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     vision = {**TINY_VISION_CONFIG, "image_size": image_size}
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))  # type: ignore[arg-type]
     return llava_config(vision, text, image_token_id=image_id, pad_token_id=pad_id)
 
 
@@ -196,7 +196,8 @@ def build_llava(
     if source is None and preset == "tiny":
         tokenizer = AutoTokenizer.from_pretrained(str(tiny_llava_dir()))
         model = build_tiny_llava(tokenizer)
-        return LlavaBase(model.to(device=device, dtype=torch_dtype), tokenizer)
+        model.to(device=device, dtype=torch_dtype)  # type: ignore[call-arg]  # (transformers wraps .to)
+        return LlavaBase(model, tokenizer)
     if source is None:
         if quantization is not None:
             raise ValueError("a quantized full preset needs weights: pass pretrained (hub id or folder)")
@@ -209,7 +210,7 @@ def build_llava(
         kwargs["device_map"] = {"": device or "cpu"}
     model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
     if quantization is None and device is not None:
-        model = model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     return LlavaBase(model, AutoTokenizer.from_pretrained(source))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -67,8 +68,16 @@ class PromptEncoder:
 
     def prompt(self, instruction: str) -> str:
         """The full text of one turn: chat-templated user message with the image, then the [MM] answer."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        head = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        content: Any = [{"type": "image"}, {"type": "text", "text": instruction}]
+        try:
+            head = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        except TypeError:  # a text-only (Vicuna-style) template: the image token goes into the text
+            text = f"{IMAGE_TOKEN}\n{instruction}"
+            head = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
         return str(head) + self.answer
 
     def _expand_image(self, ids: list[int]) -> list[int]:

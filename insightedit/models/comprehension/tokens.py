@@ -14,6 +14,8 @@ matrix to 32064 rows while its tokenizer has 32002 tokens; the padding rows are 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +36,7 @@ def add_mm_tokens(tokenizer: PreTrainedTokenizerBase, num_tokens: int) -> int:
     """
     names = mm_token_names(num_tokens)
     tokenizer.add_tokens(names, special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(names)
+    ids = cast(list[int], tokenizer.convert_tokens_to_ids(names))
     first = int(ids[0])
     if list(ids) != list(range(first, first + num_tokens)):
         raise ValueError(f"the [MM] token ids are not consecutive: {ids}")
@@ -86,10 +88,11 @@ class NewRowsHead(nn.Module):
         self.base = base.requires_grad_(False)
         self.first_id = int(first_id)
         self.num_new = int(num_new)
-        out_features = int(base.out_features)
+        weight = cast(torch.Tensor, base.weight)
+        out_features = int(weight.shape[0])
         self.vocab_size = max(out_features, self.first_id + self.num_new)
         if new_rows is None:
-            new_rows = nn.Parameter(mean_row(base.weight, min(first_id, out_features), num_new))
+            new_rows = nn.Parameter(mean_row(weight, min(first_id, out_features), num_new))
         self.new_rows = new_rows
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
