@@ -25,6 +25,7 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 # returns an exit code. Add a subcommand by adding a line here.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("insightedit.commands.data:main", "Make, check and convert AdvancedEdit datasets."),
+    "plan": ("insightedit.commands.plan:main", "Parameters and memory per device of a config, before any download."),
     "evaluate": ("insightedit.commands.evaluate:main", "Score a folder of edited images with a named protocol."),
 }
 

@@ -119,7 +119,7 @@ def build_clip_image_encoder(
         normalize: L2-normalise embeddings (see :class:`ClipImageEncoder`).
         device: where to build; ``"meta"`` builds shapes only.
     """
-    target = torch.device(device) if device is not None else torch.device("cpu")
+    target = torch.device(device) if device is not None else torch.get_default_device()
     if isinstance(model, Mapping):
         if pretrained is not None:
             raise UserError("a CLIP config dict builds a random model; give weights with a model name instead")

@@ -113,7 +113,7 @@ def build_bridging_from_sizes(
     device: str | None = None,
 ) -> BridgingModel:
     """Build a :class:`BridgingModel` of the given sizes (``device="meta"``: shapes only, no memory)."""
-    target = torch.device(device) if device is not None else torch.device("cpu")
+    target = torch.device(device) if device is not None else torch.get_default_device()
     with target:
         qformer = QFormerBridge(
             encoder_hidden_size=sizes.d_llm,
