@@ -133,6 +133,13 @@ def activation_parts(system: Any, settings: Any) -> dict[str, int]:
     return parts
 
 
+def _device_count(override: int | None, configured: Any) -> int:
+    """``--devices`` if given, else the config's integer ``trainer.devices`` (``auto`` counts as 1)."""
+    if override is not None:
+        return override
+    return int(configured) if str(configured).isdigit() else 1
+
+
 def make_plan(config_paths: list[str], devices: int | None = None) -> dict[str, Any]:
     """The plan as one JSON-ready dict: ``modules`` ({name: {params, trainable}}), memory, method."""
     from insightedit.planning.inventory import count_modules
@@ -147,7 +154,7 @@ def make_plan(config_paths: list[str], devices: int | None = None) -> dict[str, 
     settings = PlanSettings(
         precision=str(trainer.get("precision", "32-true")),
         strategy=_strategy_name(trainer.get("strategy", "auto")),
-        devices=int(devices if devices is not None else (configured_devices if str(configured_devices).isdigit() else 1)),
+        devices=_device_count(devices, configured_devices),
         num_nodes=int(trainer.get("num_nodes", 1)),
         batch_size=int(data.get("batch_size", 1)),
         resolution=int(data.get("resolution", 256)),
