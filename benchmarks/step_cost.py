@@ -1,0 +1,138 @@
+"""Cost of the MLLM and the bridge in training: an InsightEdit stage-3 step against an InstructPix2Pix step.
+
+Both run in one process on the *same* UNet object (the system's generation module): the InstructPix2Pix
+step conditions it on the frozen text encoder's encoding of the instruction and trains the UNet; the
+InsightEdit step runs the whole stage-3 system (MLLM + LoRA, Q-Former, BIM, IAA, UNet) and trains what
+stage 3 trains. Reports median milliseconds per step (forward, backward, AdamW), their ratio, and the
+peak resident-memory rise of each phase (sampled every 2 ms).
+
+    python benchmarks/step_cost.py --preset tiny --batch-size 16 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+
+from insightedit.systems.insightedit import InsightEditSystem
+
+
+class PeakRss:
+    """Peak resident set size above the level at entry, sampled in a thread."""
+
+    def __enter__(self) -> PeakRss:
+        self.process = psutil.Process(os.getpid())
+        self.base = self.process.memory_info().rss
+        self.peak = self.base
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join()
+
+    @property
+    def rise_mib(self) -> float:
+        """Peak minus entry level, in MiB."""
+        return (self.peak - self.base) / 2**20
+
+
+def batch_for(system: InsightEditSystem, batch_size: int, resolution: int) -> dict:
+    """A random batch with every key the stage-3 system reads."""
+    mllm = system.comprehension.model
+    return {
+        "source": torch.rand(batch_size, 3, resolution, resolution) * 2 - 1,
+        "target": torch.rand(batch_size, 3, resolution, resolution) * 2 - 1,
+        "mllm_source": torch.randn(batch_size, 3, mllm.image_size, mllm.image_size),
+        "clip_target": torch.randn(batch_size, 3, 32, 32),
+        "instruction": ["replace the red circle with a blue square"] * batch_size,
+        "target_caption": ["a blue square on a grey background"] * batch_size,
+    }
+
+
+def time_steps(step: Callable[[], None], steps: int, warmup: int) -> list[float]:
+    """Milliseconds of each of ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main() -> None:
+    """Run both steps and print (and optionally save) the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    system = InsightEditSystem(preset="tiny", stage=3).train()
+    generation = system.generation
+    batch = batch_for(system, args.batch_size, args.resolution)
+
+    unet_params = list(generation.unet.parameters())
+    ip2p_optimizer = torch.optim.AdamW(unet_params, lr=1e-5)
+
+    def ip2p_step() -> None:
+        loss = generation.diffusion_loss(
+            batch["source"], batch["target"], generation.encode_text(batch["instruction"])
+        )
+        loss.backward()
+        ip2p_optimizer.step()
+        ip2p_optimizer.zero_grad(set_to_none=True)
+
+    insight_optimizer = system.configure_optimizers()["optimizer"]
+
+    def insightedit_step() -> None:
+        system.compute_losses(batch)["loss"].backward()
+        insight_optimizer.step()
+        insight_optimizer.zero_grad(set_to_none=True)
+
+    with PeakRss() as ip2p_memory:
+        ip2p = time_steps(ip2p_step, args.steps, args.warmup)
+    with PeakRss() as insight_memory:
+        insight = time_steps(insightedit_step, args.steps, args.warmup)
+    result = {
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "threads": torch.get_num_threads(),
+        "instructpix2pix_ms": round(statistics.median(ip2p), 1),
+        "insightedit_stage3_ms": round(statistics.median(insight), 1),
+        "ratio": round(statistics.median(insight) / statistics.median(ip2p), 2),
+        "instructpix2pix_peak_rss_rise_mib": round(ip2p_memory.rise_mib, 1),
+        "insightedit_peak_rss_rise_mib": round(insight_memory.rise_mib, 1),
+        "trainable_params": {
+            "instructpix2pix": sum(p.numel() for p in unet_params),
+            "insightedit_stage3": sum(p.numel() for p in system.parameters() if p.requires_grad),
+        },
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
