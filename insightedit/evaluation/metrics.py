@@ -89,6 +89,10 @@ def ssim(a: Tensor, b: Tensor, implementation: str = "torchmetrics") -> float:
     if a.shape != b.shape:
         raise ValueError(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     if implementation == "torchmetrics":
+        # float64 on purpose: in float32, E[x²] − μ² cancels badly on flat regions and identical images
+        # score 0.9996; identical inputs are exactly 1 by definition, so skip the (slow) float64 filter then
+        if torch.equal(a, b):
+            return 1.0
         value = structural_similarity_index_measure(
             a, b, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0, k1=0.01, k2=0.03
         )

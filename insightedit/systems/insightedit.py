@@ -37,6 +37,7 @@ class InsightEditSystem(L.LightningModule):
         init_from: a checkpoint of the previous stage to start from.
         weight_decay: AdamW weight decay for every group.
         warmup_steps: linear warmup, then cosine decay to 10% over the run.
+        evaluation: settings of ``insightedit test`` (:class:`insightedit.evaluation.model_test.TestSettings`).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class InsightEditSystem(L.LightningModule):
         init_from: str | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        evaluation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -203,6 +205,54 @@ class InsightEditSystem(L.LightningModule):
                 own[name].copy_(value)
         self._carried |= set(state)
         return sorted(state)
+
+    # ------------------------------------------------------------------------------------------ test
+    def on_test_start(self) -> None:
+        """Load the metric backends once (a missing weight file is a one-line user error)."""
+        from insightedit.evaluation.model_test import EditTestRun, TestSettings
+
+        if not self.stage.use_unet:
+            raise UserError(f"stage {self.stage.name!r} has no UNet and cannot edit: test a stage 2 or 3 model")
+        self._test_run = EditTestRun(TestSettings(**(self.hparams["evaluation"] or {})))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Edit the batch with this model and score it beside the identity edit (``edited = source``)."""
+        settings = self._test_run.settings
+        generator = torch.Generator(device=batch["source"].device).manual_seed(settings.seed + batch_idx)
+        edited = self.edit(
+            batch["source"],
+            batch["mllm_source"],
+            list(batch["instruction"]),
+            image_scale=settings.image_scale,
+            num_inference_steps=settings.num_inference_steps,
+            text_guidance=settings.text_guidance,
+            image_guidance=settings.image_guidance,
+            generator=generator,
+        )
+        self._test_run.add("this checkpoint", batch, edited)
+        self._test_run.add("identity edit", batch, batch["source"])
+
+    def on_test_epoch_end(self) -> None:
+        """Gather every rank's rows; rank 0 prints the table, writes JSON and CSV, logs the means."""
+        run = self._test_run
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, run.rows)
+            run.rows = {}
+            run.merge(gathered)
+        checkpoint = getattr(self.trainer, "ckpt_path", None)
+        report = run.report(str(checkpoint) if checkpoint else None)
+        pooled = {system: groups.get("all", {}) for system, groups in report["systems"].items()}  # type: ignore[union-attr]
+        for system, summary in pooled.items():
+            for key, value in summary.items():
+                if isinstance(value, float) and key[-2:] != "_n":
+                    name = "model" if system == "this checkpoint" else "identity"
+                    self.log(f"test/{name}/{key}", value, rank_zero_only=True, sync_dist=False)
+        if self.trainer.is_global_zero:
+            directory = Path(run.settings.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+            json_path, csv_path = run.write(report, directory)
+            print(run.table(report))
+            print(f"report: {json_path} and {csv_path}")
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()

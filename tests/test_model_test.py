@@ -1,0 +1,52 @@
+"""``insightedit test``: the model's edits and the identity edit scored in one run, JSON + CSV written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from insightedit.cli import main
+from insightedit.evaluation.metrics import PSNR_CAP_DB
+from insightedit.evaluation.model_test import to_pil
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
+
+
+def test_to_pil_maps_the_range_exactly():
+    image = torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 2, 2)
+    pixels = list(to_pil(image).getdata())
+    assert pixels[0] == (0, 128, 255)
+
+
+@pytest.mark.parametrize("lpips", ["none", "stlpips"])
+def test_insightedit_test_scores_model_and_identity(tmp_path, monkeypatch, capsys, lpips):
+    if lpips == "stlpips":
+        pytest.importorskip("stlpips_pytorch")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "report"
+    code = main([
+        "test", "--config", str(CONFIGS / "tiny" / "stage3.yaml"),
+        "--data.init_args.synthetic={num_images: 40, size: 32, seed: 0}", "--data.init_args.val_fraction=0.2",
+        "--data.init_args.batch_size=4", "--trainer.limit_test_batches=2", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--model.init_args.evaluation={{num_inference_steps: 2, lpips: {lpips}, resolution: 64, out_dir: {out}}}",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "protocol advancededit | 64x64" in printed and "identity edit" in printed
+    report = json.loads((out / "test_report.json").read_text())
+    assert set(report["systems"]) == {"this checkpoint", "identity edit"}
+    model, identity = report["systems"]["this checkpoint"]["all"], report["systems"]["identity edit"]["all"]
+    assert model["n"] == identity["n"] == 8
+    # the identity edit equals the source: perfect preservation, capped PSNR, and a finite PSNR to target
+    assert identity["psnr"] == PSNR_CAP_DB and identity["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert identity["psnr_target"] < PSNR_CAP_DB
+    # an untrained model does change the image
+    assert model["psnr"] < PSNR_CAP_DB
+    if lpips == "stlpips":
+        assert identity["lpips"] == pytest.approx(0.0, abs=1e-6) and model["lpips"] > 0
+    else:
+        assert report["lpips"] == "not computed"
+    csv_lines = (out / "test_report.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("# protocol_name=advancededit") and len(csv_lines) == 2 + 16
