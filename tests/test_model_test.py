@@ -48,5 +48,20 @@ def test_insightedit_test_scores_model_and_identity(tmp_path, monkeypatch, capsy
         assert identity["lpips"] == pytest.approx(0.0, abs=1e-6) and model["lpips"] > 0
     else:
         assert report["lpips"] == "not computed"
+    edits = sorted(p.relative_to(out / "edits").as_posix() for p in (out / "edits").rglob("*.png"))
+    assert len(edits) == 8 and edits[0].endswith(".png")
     csv_lines = (out / "test_report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("# protocol_name=advancededit") and len(csv_lines) == 2 + 16
+    if lpips == "none":
+        # the saved edits are what `insightedit evaluate` reads: same protocol, same numbers for those 8
+        data_root = next((tmp_path / "data").iterdir())
+        code = main(["evaluate", "--data", str(data_root), "--pred-dir", str(out / "edits"), "--protocol",
+                     "advancededit", "--resolution", "64", "--lpips", "none", "--no-clip",
+                     "--out", str(tmp_path / "evaluate.json")])
+        assert code == 0
+        evaluated = json.loads((tmp_path / "evaluate.json").read_text())
+        scored = {row["id"]: row for row in evaluated["rows"]}
+        ours = [row for row in report["rows"] if row["system"] == "this checkpoint"]
+        for row in ours:
+            assert scored[row["id"]]["psnr"] == pytest.approx(row["psnr"], abs=1e-9)
+            assert scored[row["id"]]["ssim_target"] == pytest.approx(row["ssim_target"], abs=1e-9)

@@ -44,6 +44,8 @@ class TestSettings:
         num_inference_steps, text_guidance, image_guidance, image_scale: sampling settings.
         seed: the noise of batch ``i`` comes from ``seed + i``, so reruns give the same numbers.
         out_dir: where ``test_report.json`` and ``test_report.csv`` go (default: the run's log dir).
+        save_edits: also write each edit as ``<out_dir>/edits/<record id>.png`` (the layout
+            ``insightedit evaluate --pred-dir`` reads, e.g. to add VIEScore with a judge later).
     """
 
     protocol: str = "advancededit"
@@ -58,6 +60,7 @@ class TestSettings:
     image_scale: float | None = None
     seed: int = 0
     out_dir: str | None = None
+    save_edits: bool = True
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -90,6 +93,7 @@ class EditTestRun:
         else:
             self.scorers = load_scorers(self.protocol, options)
         self.rows: dict[str, list[dict[str, object]]] = {}
+        self.edits_dir: Path | None = None  # set by the caller once the output folder is known
 
     def add(self, system: str, batch: dict[str, Any], edited: torch.Tensor) -> None:
         """Score ``edited`` (B, 3, H, W) in [-1, 1] against the batch's source, target and mask."""
@@ -109,6 +113,11 @@ class EditTestRun:
                     target=to_pil(batch["target"][i]),
                 )
             )
+        if self.edits_dir is not None and system == "this checkpoint":
+            for sample in samples:
+                path = self.edits_dir / f"{sample.id}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sample.edited.save(path)  # type: ignore[union-attr]
         rows = score_samples(samples, self.protocol, self.scorers)
         for row in rows:
             row["system"] = system

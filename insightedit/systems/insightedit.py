@@ -214,6 +214,13 @@ class InsightEditSystem(L.LightningModule):
         if not self.stage.use_unet:
             raise UserError(f"stage {self.stage.name!r} has no UNet and cannot edit: test a stage 2 or 3 model")
         self._test_run = EditTestRun(TestSettings(**(self.hparams["evaluation"] or {})))
+        if self._test_run.settings.save_edits:
+            self._test_run.edits_dir = self._test_output_dir() / "edits"
+
+    def _test_output_dir(self) -> Path:
+        """Where ``insightedit test`` writes: ``evaluation.out_dir``, else the run's log dir."""
+        configured = self._test_run.settings.out_dir
+        return Path(configured or self.trainer.log_dir or self.trainer.default_root_dir)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Edit the batch with this model and score it beside the identity edit (``edited = source``)."""
@@ -249,8 +256,7 @@ class InsightEditSystem(L.LightningModule):
                     name = "model" if system == "this checkpoint" else "identity"
                     self.log(f"test/{name}/{key}", value, rank_zero_only=True, sync_dist=False)
         if self.trainer.is_global_zero:
-            directory = Path(run.settings.out_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-            json_path, csv_path = run.write(report, directory)
+            json_path, csv_path = run.write(report, self._test_output_dir())
             print(run.table(report))
             print(f"report: {json_path} and {csv_path}")
 
