@@ -100,3 +100,10 @@ def test_decoder_activation_formula():
     assert decoder_activation_bytes(32, 4096, 672, 4, 2, checkpointing=True) == (
         32 * 2 * 672 * 4096 * 4 + 34 * 672 * 4096 * 4
     )
+
+
+def test_tiny_config_plans_with_real_tensors(capsys):
+    plan = run_plan(capsys, "tiny/stage3.yaml")
+    assert plan["modules"]["unet"]["params"] == plan["modules"]["unet"]["trainable"] > 1_000_000
+    assert plan["memory"]["settings"]["precision"] == "32-true"
+    assert 0 < plan["memory"]["bytes_per_device"]["activations"] < 2**30

@@ -150,22 +150,28 @@ def test_stage2_checkpoint_starts_stage3_with_identical_shared_weights(tmp_path)
     path = tmp_path / "stage2.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    # only trained weights travel: no frozen LLM base, vision tower, VAE/CLIP, text encoder
-    assert set(saved) == stage2.trainable_names()
+    # only trained weights (and the bridge's persistent buffers) travel: no frozen LLM base, vision
+    # tower, VAE/CLIP, text encoder
+    assert set(saved) == stage2.trainable_names() | {"bridging.model.bim.positional.positional_embedding"}
     assert not any("base_layer" in k or "vision_tower" in k or "text_encoder" in k for k in saved)
 
     torch.manual_seed(123)  # a different seed: everything shared must come from the checkpoint
     stage3 = InsightEditSystem(preset="tiny", stage=3, init_from=str(path))
-    own = dict(stage3.named_parameters())
+    own = {**dict(stage3.named_parameters()), **dict(stage3.named_buffers())}
     for name, value in saved.items():
         assert torch.equal(own[name], value), name
-    fresh2 = dict(stage2.named_parameters())
+    fresh2 = {**dict(stage2.named_parameters()), **dict(stage2.named_buffers())}
     # frozen bases are the same fixed tiny twins in both runs
     for name in own:
         if name not in saved and not name.startswith("bridging.model.bim."):
             assert torch.equal(own[name], fresh2[name]), name
-    # stage 3's checkpoint carries stage 2's weights plus the BIM
-    assert stage3.saved_names() == stage3.trainable_names()
+    # stage 3's checkpoint carries stage 2's weights plus the BIM (and its positional buffer, which
+    # came from the stage-2 checkpoint, not from this run's different seed)
+    assert stage3.saved_names() == set(saved) | stage3.trainable_names()
+    assert torch.equal(
+        own_buffers := dict(stage3.named_buffers())["bridging.model.bim.positional.positional_embedding"],
+        saved["bridging.model.bim.positional.positional_embedding"],
+    ), own_buffers
 
 
 def test_init_from_a_missing_or_corrupt_checkpoint_is_a_user_error(tmp_path):

@@ -77,6 +77,8 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
     quantization = (init_args.get("comprehension") or {}).pop("quantization", None)
     (init_args.get("comprehension") or {}).pop("dtype", None)
     init_args.pop("init_from", None)
+    if init_args.get("preset") == "tiny":  # small enough to build for real (its tokenizer needs real tensors)
+        return _class(model_section["class_path"])(**init_args), named, quantization
     with torch.device("meta"):
         system = _class(model_section["class_path"])(**init_args)
     return system, named, quantization
@@ -108,7 +110,8 @@ def activation_parts(system: Any, settings: Any) -> dict[str, int]:
     )
     down = system.generation.latent_space.downsample
     latent = (settings.resolution // down, settings.resolution // down)
-    with torch.device("meta"):
+    device = next(system.parameters()).device  # meta for full size; the tiny twin runs for real
+    with torch.device(device):
         h = torch.randn(1, mllm.num_mm_tokens, mllm.hidden_size, requires_grad=True)
         vision = torch.randn(1, patches, mllm.vision_hidden_size)
         bridge = system.bridging.model
@@ -219,7 +222,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", action="append", required=True, help="yaml config (repeat to compose)")
     parser.add_argument("--devices", type=int, default=None, help="devices per node (overrides the config)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--edit", action="store_true", help="plan the memory of one edit instead of training")
+    parser.add_argument("--resolution", type=int, default=512, help="edit resolution for --edit (default 512)")
     args = parser.parse_args(argv)
+    if args.edit:
+        from insightedit.planning.edit_memory import format_edit_plan, plan_edit_memory
+
+        system, _, _ = build_on_meta(load_config(args.config).get("model") or {})
+        rows = plan_edit_memory(system, args.resolution)
+        as_json = json.dumps([row.as_dict() for row in rows], indent=2)
+        print(as_json if args.json else format_edit_plan(rows, args.resolution))
+        return 0
     plan = make_plan(args.config, args.devices)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0

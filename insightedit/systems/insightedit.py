@@ -168,8 +168,14 @@ class InsightEditSystem(L.LightningModule):
 
     # ---------------------------------------------------------------------------------- checkpoints
     def saved_names(self) -> set[str]:
-        """What a checkpoint keeps: this stage's trainable weights and those carried from earlier stages."""
-        return self.trainable_names() | self._carried
+        """What a checkpoint keeps: this stage's trainable weights, those carried from earlier stages, and
+        the bridge's persistent buffers (the BIM's random Fourier matrix is drawn at build time)."""
+        bridge_buffers = {
+            name
+            for name, _ in self.named_buffers()
+            if name.startswith(("bridging.model.qformer.", "bridging.model.bim.", "bridging.model.mapper."))
+        }
+        return self.trainable_names() | self._carried | (bridge_buffers & set(self.state_dict()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop frozen weights (the LLM base, vision tower, VAE, CLIP, text encoder) from the checkpoint."""
@@ -193,7 +199,7 @@ class InsightEditSystem(L.LightningModule):
             state = checkpoint["state_dict"]
         except Exception as error:  # noqa: BLE001 - a corrupt file is a user error, said in one line
             raise UserError(f"init_from: {path} is not a readable Lightning checkpoint ({error})") from error
-        own = dict(self.named_parameters())
+        own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         unexpected = sorted(set(state) - set(own))
         if unexpected:
             raise UserError(f"init_from: {path} has weights this system lacks, e.g. {unexpected[:3]}")
