@@ -27,6 +27,9 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("insightedit.commands.data:main", "Make, check and convert AdvancedEdit datasets."),
     "plan": ("insightedit.commands.plan:main", "Parameters and memory per device of a config, before any download."),
     "evaluate": ("insightedit.commands.evaluate:main", "Score a folder of edited images with a named protocol."),
+    "export": ("insightedit.commands.export:main", "Turn a checkpoint into a self-contained model folder."),
+    "edit": ("insightedit.commands.edit:main", "Edit an image with an exported model folder."),
+    "demo": ("insightedit.commands.demo:main", "A local web demo (Gradio) of an exported model folder."),
 }
 
 

@@ -1,0 +1,84 @@
+"""``insightedit demo``: a local Gradio app that edits uploaded images with an exported model folder.
+
+Bound to 127.0.0.1 unless ``--host`` says otherwise; never shared through Gradio's tunnel. Needs the
+optional ``demo`` extra (``pip install 'insightedit[demo]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from insightedit.commands.edit import add_model_arguments
+from insightedit.errors import UserError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def build_demo(pipeline: Any, default_steps: int = 20) -> Any:
+    """The Gradio Blocks app around ``pipeline`` (an :class:`InsightEditPipeline`)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    default_scale = float(pipeline.generation.unet.image_scale)
+
+    def edit(image: Any, instruction: str, scale: float, text: float, image_g: float, steps: float, seed: float) -> Any:
+        if image is None:
+            raise gr.Error("upload an image first")
+        if not instruction or not instruction.strip():
+            raise gr.Error("type an instruction: say what to change")
+        result = pipeline(
+            image,
+            instruction,
+            image_scale=scale,
+            text_guidance=text,
+            image_guidance=image_g,
+            num_inference_steps=int(steps),
+            seed=int(seed),
+        )
+        return result.images[0]
+
+    with gr.Blocks(title="InsightEdit") as demo:
+        gr.Markdown("## InsightEdit: instruction-based image editing")
+        with gr.Row():
+            with gr.Column():
+                source = gr.Image(type="pil", label="Image", elem_id="source")
+                instruction = gr.Textbox(label="Instruction", placeholder="remove the cup", elem_id="instruction")
+                scale = gr.Slider(0.0, 2.0, value=default_scale, step=0.05, label="λ (image branch)", elem_id="lambda")
+                text = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Text guidance", elem_id="text-guidance")
+                image_g = gr.Slider(1.0, 5.0, value=1.5, step=0.1, label="Image guidance", elem_id="image-guidance")
+                steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="steps")
+                seed = gr.Slider(0, 2**31 - 1, value=0, step=1, label="Seed", elem_id="seed")
+                button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+            with gr.Column():
+                result = gr.Image(type="pil", label="Edited", elem_id="result", interactive=False)
+        button.click(edit, inputs=[source, instruction, scale, text, image_g, steps, seed], outputs=result)
+    return demo
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``insightedit demo``."""
+    parser = argparse.ArgumentParser(prog="insightedit demo", description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--steps", type=int, default=20, help="the steps slider's starting value")
+    args = parser.parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("the demo needs Gradio: pip install 'insightedit[demo]'") from None
+
+    from insightedit.pipeline import InsightEditPipeline
+
+    pipeline = InsightEditPipeline.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantization="4bit" if args.four_bit else None,
+        low_memory=args.low_memory,
+    )
+    build_demo(pipeline, default_steps=args.steps).launch(server_name=args.host, server_port=args.port, share=False)
+    return 0

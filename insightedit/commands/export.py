@@ -1,0 +1,102 @@
+"""``insightedit export``: a training checkpoint → a self-contained model folder for ``edit`` and ``demo``.
+
+The system is rebuilt from the checkpoint's hyperparameters (the frozen parts from their presets or named
+weights), the trained weights are loaded, and :meth:`InsightEditPipeline.save_pretrained` writes the
+folder (layout: :mod:`insightedit.pipeline.folder`). A tiny model's folder holds every weight. A full-size
+folder references the frozen LLaVA base by the hub id or folder the checkpoint was trained on, unless
+``--include-base`` copies it (13.5 GB); everything else (LoRA, [MM] rows, bridge, UNet, VAE) is included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from insightedit.errors import UserError
+
+DERIVED_BUFFERS = ("generation.null_f_txt",)  # recomputed exactly from the frozen text encoder
+
+
+def load_system(ckpt_path: str | Path, training_seed: int = 0) -> tuple[Any, int | None]:
+    """The :class:`InsightEditSystem` of a checkpoint, rebuilt for inference, and the data's resolution.
+
+    The system is built after ``torch.manual_seed(training_seed)``, as LightningCLI builds it after
+    ``seed_everything``, so random buffers that a checkpoint does not keep (the BIM's Fourier features)
+    come out as they were in training when the seeds agree; a note names any such buffer.
+    """
+    import torch
+
+    from insightedit.systems.insightedit import InsightEditSystem
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a user error, said in one line
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__})") from error
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or "preset" not in hparams:
+        raise UserError(f"{path} is not an InsightEdit system checkpoint (no system hyperparameters)")
+    bridging = {**(hparams.get("bridging") or {}), "clip_pretrained": None}  # the IAA target is not exported
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(training_seed)
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+        system = InsightEditSystem.load_from_checkpoint(path, map_location="cpu", init_from=None, bridging=bridging)
+    rebuilt = [
+        name
+        for name, _ in system.named_buffers()
+        if name not in checkpoint["state_dict"] and name not in DERIVED_BUFFERS and "clip_image_encoder" not in name
+    ]
+    if rebuilt:
+        print(f"note: {path} lacks buffers {rebuilt}; rebuilt under seed {training_seed}", file=sys.stderr)
+    resolution = (checkpoint.get("datamodule_hyper_parameters") or {}).get("resolution")
+    return system.eval(), (int(resolution) if resolution else None)
+
+
+def export(
+    ckpt_path: str | Path,
+    out: str | Path,
+    include_base: bool = False,
+    overwrite: bool = False,
+    training_seed: int = 0,
+) -> Path:
+    """Write the model folder of ``ckpt_path`` to ``out``; return ``out``."""
+    from insightedit.pipeline import InsightEditPipeline
+
+    out = Path(out)
+    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if occupied and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    system, resolution = load_system(ckpt_path, training_seed)
+    if occupied:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    pipeline = InsightEditPipeline.from_system(system, resolution=resolution)
+    base = None
+    if pipeline.preset == "full" and not include_base:
+        base = (system.hparams.get("comprehension") or {}).get("pretrained")
+        if not base:
+            raise UserError("the checkpoint names no LLaVA base (comprehension.pretrained); use --include-base")
+    return pipeline.save_pretrained(out, base=base)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``insightedit export``."""
+    parser = argparse.ArgumentParser(prog="insightedit export", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a checkpoint of InsightEditSystem")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument(
+        "--include-base", action="store_true", help="copy the frozen LLaVA base too (full size; tiny always does)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--training-seed", type=int, default=0, help="seed_everything of the training run (default 0, as the yamls)"
+    )
+    args = parser.parse_args(argv)
+    folder = export(args.ckpt_path, args.out, args.include_base, args.overwrite, args.training_seed)
+    print(f"exported {args.ckpt_path} to {folder}")
+    return 0

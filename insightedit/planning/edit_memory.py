@@ -1,0 +1,221 @@
+"""Peak accelerator memory of one edit (``insightedit plan --edit``), for the configured model, with no weights.
+
+Method (printed with every plan):
+- weights in the edit's dtype (2 bytes for fp16 and bf16 alike); with the 4-bit MLLM the language
+  model's frozen linear weights take :data:`NF4_BYTES` (NF4 with double quantization), the vision tower,
+  projector, embeddings and head stay 16 bit. Not on the accelerator at edit time: the CLIP image tower
+  that supervised the IAA Mapper (unused at inference) and the text encoder (only its null condition is
+  kept, a buffer);
+- activations without autograd, *counted*: the UNet (the three guidance branches as one batch of 3 at the
+  latent size), the VAE encoder and decoder (one image), and the bridge run on the ``meta`` device under
+  a dispatch mode that adds each new tensor's bytes when it is made and subtracts them when it is freed;
+  attention is taken to be a fused kernel (SDPA flash / memory-efficient), which keeps no score matrix;
+- the MLLM's forward cannot run on ``meta`` (LLaVA scatters image features by a data-dependent mask), so
+  its activations are a formula: the KV cache transformers keeps for the one forward (2·L·s·h), the
+  vision tower's hidden states (all layers, which LLaVA asks for) and one layer's transients (4·s·h + 3·s·f);
+- the peak is the largest phase: everything resident plus the largest activation, or in the low-memory
+  mode the larger of (MLLM + bridge + their activations) and (UNet + VAE + theirs).
+Not included: the CUDA context (~0.3–0.5 GiB), allocator fragmentation, the MLLM's 4-bit dequantization
+buffers (one layer's weights in 16 bit, ~0.2 GiB for LLaVA-7B).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from insightedit.planning.inventory import count_modules
+from insightedit.planning.memory import GIB, NF4_BYTES
+
+TEXT_TOKENS = 64  # instruction + chat template tokens, as the training plan assumes
+MLLM_PARTS = ("lora", "mm_embeddings", "llava")
+BRIDGE_PARTS = ("qformer", "bim", "mapper")
+GENERATION_PARTS = ("unet", "image_branch", "vae")
+GOAL_GIB = 8.0
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of tensors made inside the mode that are still alive, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Run ``func``; count every fresh (non-view, non-input) output until it is freed."""
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in inputs and not tensor._is_view():
+                size = tensor.numel() * tensor.element_size()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._free, size)
+        return out
+
+
+def _fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """What a fused SDPA kernel allocates: the output only."""
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+@contextmanager
+def _fused_sdpa() -> Iterator[None]:
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_attention  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original  # type: ignore[assignment]
+
+
+def peak_activation_bytes(forward: Callable[[], object]) -> int:
+    """Peak bytes of the tensors ``forward`` makes (on ``meta``: nothing is allocated)."""
+    mode = LiveBytes()
+    with torch.no_grad(), _fused_sdpa(), mode:
+        forward()
+    return mode.peak
+
+
+@dataclass
+class EditMemory:
+    """Bytes per part and phase of one edit in one setting."""
+
+    dtype: str
+    four_bit: bool
+    low_memory: bool
+    weights: dict[str, int]
+    activations: dict[str, int]
+
+    @property
+    def peak(self) -> int:
+        """Peak bytes on the accelerator."""
+        w, a = self.weights, self.activations
+        understand = w["mllm"] + w["bridge"] + max(a["mllm"], a["bridge"])
+        generate = w["unet"] + w["vae"] + max(a["unet"], a["vae"])
+        if self.low_memory:
+            return max(understand, generate)
+        return sum(w.values()) + max(a.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, in GiB."""
+        return {
+            "dtype": self.dtype,
+            "four_bit_mllm": self.four_bit,
+            "low_memory": self.low_memory,
+            "weights_gib": {k: round(v / GIB, 3) for k, v in self.weights.items()},
+            "activations_gib": {k: round(v / GIB, 3) for k, v in self.activations.items()},
+            "peak_gib": round(self.peak / GIB, 2),
+            "fits_8_gb": self.peak / 1e9 <= GOAL_GIB,
+        }
+
+
+def weight_bytes(system: nn.Module, four_bit: bool) -> dict[str, int]:
+    """Bytes of the weights an edit puts on the accelerator, per phase group, in 16 bit (or NF4)."""
+    counts = count_modules(system)
+    groups = {"mllm": MLLM_PARTS, "bridge": BRIDGE_PARTS, "unet": ("unet", "image_branch"), "vae": ("vae",)}
+    result = {}
+    for group, parts in groups.items():
+        total = 0.0
+        for part in parts:
+            count = counts.get(part)
+            if count is None:
+                continue
+            quantized = count.frozen_16bit_linear if (four_bit and part == "llava") else 0
+            total += quantized * NF4_BYTES + (count.params - quantized) * 2
+        result[group] = int(total)
+    return result
+
+
+def mllm_activation_bytes(system: Any, bytes_per_value: int = 2) -> int:
+    """The MLLM's inference activations by formula (KV cache, vision hidden states, one layer's transients)."""
+    mllm = system.comprehension.model
+    config = mllm.base_model.config
+    text, vision = config.text_config, config.vision_config
+    patches = mllm.vision_grid[0] * mllm.vision_grid[1]
+    sequence = patches + TEXT_TOKENS + mllm.num_mm_tokens
+    heads, kv_heads = int(text.num_attention_heads), int(getattr(text, "num_key_value_heads", text.num_attention_heads))
+    kv_width = int(text.hidden_size) * kv_heads // heads
+    kv_cache = 2 * int(text.num_hidden_layers) * sequence * kv_width
+    vision_states = (int(vision.num_hidden_layers) + 1) * (patches + 1) * int(vision.hidden_size)
+    transients = 4 * sequence * int(text.hidden_size) + 3 * sequence * int(text.intermediate_size)
+    return (kv_cache + vision_states + transients) * bytes_per_value
+
+
+def counted_activations(system: Any, resolution: int, dtype: torch.dtype) -> dict[str, int]:
+    """UNet (batch 3), VAE and bridge activations counted on ``meta`` at ``resolution``², in ``dtype``."""
+    generation, bridge, mllm = system.generation, system.bridging.model, system.comprehension.model
+    down = int(generation.latent_space.downsample)
+    latent = (resolution // down, resolution // down)
+    unet = generation.unet.to(dtype)
+    width = int(unet.unet.config.cross_attention_dim)
+    with torch.device("meta"):
+        noisy = torch.empty(3, unet.latent_channels, *latent, dtype=dtype)
+        f_txt = torch.empty(3, 77, width, dtype=dtype)
+        f_img = torch.empty(3, unet.num_image_tokens, width, dtype=dtype) if unet.image_projection else None
+        v_txt = torch.empty(3, int(unet.unet.config.block_out_channels[0]), *latent, dtype=dtype)
+        image = torch.empty(1, 3, resolution, resolution, dtype=dtype)
+        h = torch.empty(1, mllm.num_mm_tokens, mllm.hidden_size, dtype=dtype)
+        patches = torch.empty(1, mllm.vision_grid[0] * mllm.vision_grid[1], mllm.vision_hidden_size, dtype=dtype)
+        timestep = torch.tensor(500)
+    parts = {
+        "unet": peak_activation_bytes(lambda: unet(noisy, noisy, timestep, f_txt, f_img=f_img, v_txt=v_txt)),
+        "bridge": peak_activation_bytes(lambda: bridge.to(dtype)(h, patches, mllm.vision_grid, latent)),
+    }
+    vae = getattr(generation.latent_space, "vae", None)
+    if vae is not None:
+        vae.to(dtype)
+        encode = peak_activation_bytes(lambda: vae.encode(image))
+        decode = peak_activation_bytes(lambda: vae.decode(noisy[:1]))
+        parts["vae"] = max(encode, decode)
+    else:
+        parts["vae"] = 0
+    return parts
+
+
+def plan_edit_memory(system: Any, resolution: int = 512) -> list[EditMemory]:
+    """Peak edit memory for fp16 and bf16, with and without the 4-bit MLLM and the low-memory mode."""
+    activations = counted_activations(system, resolution, torch.float16)
+    activations["mllm"] = mllm_activation_bytes(system)
+    rows = []
+    for dtype in ("float16", "bfloat16"):
+        for four_bit in (False, True):
+            weights = weight_bytes(system, four_bit)
+            for low_memory in (False, True):
+                rows.append(EditMemory(dtype, four_bit, low_memory, weights, dict(activations)))
+    return rows
+
+
+def format_edit_plan(rows: list[EditMemory], resolution: int) -> str:
+    """A table of the edit-memory plan."""
+    lines = [
+        f"edit memory at {resolution}x{resolution}, batch 1, GiB on the accelerator",
+        f"{'dtype':<9} {'4-bit MLLM':<10} {'low-memory':<10} {'MLLM':>6} {'bridge':>6} {'UNet':>6} {'VAE':>6} "
+        f"{'act max':>7} {'peak':>6}  fits 8 GB",
+    ]
+    for row in rows:
+        d = row.as_dict()
+        w, a = d["weights_gib"], d["activations_gib"]
+        lines.append(
+            f"{row.dtype:<9} {'yes' if row.four_bit else 'no':<10} {'yes' if row.low_memory else 'no':<10} "
+            f"{w['mllm']:>6.2f} {w['bridge']:>6.2f} {w['unet']:>6.2f} {w['vae']:>6.2f} {max(a.values()):>7.2f} "
+            f"{d['peak_gib']:>6.2f}  {'yes' if d['fits_8_gb'] else 'no'}"
+        )
+    a = rows[0].as_dict()["activations_gib"]
+    lines.append("activations (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in a.items()))
+    lines.append("method: " + " ".join(line.strip() for line in (__doc__ or "").split("Method")[1].splitlines()[1:]))
+    return "\n".join(lines)
