@@ -1,9 +1,14 @@
-"""The generation module: a LightningModule that trains the editing UNet with the ε-prediction loss.
+"""The generation module: a LightningModule that trains the editing UNet with the diffusion loss.
 
 It trains on its own (InstructPix2Pix-style, conditioned on the frozen text encoder's encoding of the
 instruction or on ``text_embeds`` given in the batch) and is reused inside the InsightEdit system, which
 feeds it ``f_txt``, ``image_embeds`` (IAA) and ``v_txt`` (BIM) through :meth:`diffusion_loss` and
 :meth:`edit`.
+
+Parameterisations: ``epsilon`` (the paper's, and InstructPix2Pix's weights), ``v_prediction`` and
+``sample`` (the clean latent). With ``residual=True`` the diffused variable is the change
+``z_tar − z_src`` instead of ``z_tar``, so "change nothing" is the zero prediction; the sampler adds
+``z_src`` back. Residual ``sample`` prediction is what lets a tiny CPU twin learn to edit (DESIGN §7).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from insightedit.models.generation.latent_space import PixelUnshuffleLatentSpace
 from insightedit.models.generation.presets import build_generation_components
 from insightedit.models.generation.sampling import sample_with_dual_guidance
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class GenerationModule(L.LightningModule):
@@ -39,7 +44,11 @@ class GenerationModule(L.LightningModule):
         train_unet: train the whole UNet (else only the image branch, if ``train_image_branch``).
         train_image_branch: train the image projection and ``to_k_ip``/``to_v_ip``.
         drop_text_prob, drop_source_prob, drop_both_prob: classifier-free-guidance dropout rates.
-        prediction_type: ``"epsilon"`` (the paper's) or ``"v_prediction"``.
+        prediction_type: ``"epsilon"`` (the paper's), ``"v_prediction"`` or ``"sample"`` (the clean
+            latent, or the clean residual with ``residual``).
+        residual: diffuse ``z_tar − z_src`` rather than ``z_tar`` (the sampler adds ``z_src`` back).
+        timestep_power: training timesteps are ``⌊T·u^p⌋`` with ``u ~ U(0, 1)``; ``1`` is uniform,
+            ``p < 1`` favours high noise (where the edit's layout is decided).
         learning_rate, weight_decay: AdamW settings when trained on its own.
         gradient_checkpointing: recompute UNet activations in the backward pass.
     """
@@ -60,6 +69,8 @@ class GenerationModule(L.LightningModule):
         drop_source_prob: float = 0.05,
         drop_both_prob: float = 0.05,
         prediction_type: str = "epsilon",
+        residual: bool = False,
+        timestep_power: float = 1.0,
         learning_rate: float = 1e-4,
         weight_decay: float = 1e-2,
         gradient_checkpointing: bool = False,
@@ -72,6 +83,8 @@ class GenerationModule(L.LightningModule):
         self.save_hyperparameters()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if timestep_power <= 0:
+            raise ValueError(f"timestep_power must be > 0, got {timestep_power}")
         if min(drop_text_prob, drop_source_prob, drop_both_prob) < 0 or (
             drop_text_prob + drop_source_prob + drop_both_prob > 1
         ):
@@ -146,7 +159,7 @@ class GenerationModule(L.LightningModule):
         v_txt: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``L_diff``: MSE of the UNet's prediction of the noise (or ``v``) for a random timestep.
+        """``L_diff``: MSE of the UNet's prediction of the noise, ``v`` or clean (residual) latent.
 
         ``source``/``target`` are images (B, 3, H, W) in [-1, 1]; ``f_txt`` (B, L, D); ``image_embeds``
         (B, E); ``v_txt`` (B, C0, h, w). Applies classifier-free-guidance dropout in training mode.
@@ -155,9 +168,10 @@ class GenerationModule(L.LightningModule):
         device = source.device
         target_latents = self.latent_space.encode_target(target, generator=generator)
         source_latents = self.latent_space.encode_source(source)
+        if self.settings["residual"]:
+            target_latents = target_latents - source_latents
         noise = torch.randn(target_latents.shape, generator=generator, device=device, dtype=target_latents.dtype)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch,), generator=generator, device=device)
+        timesteps = self._sample_timesteps(batch, generator, device)
         noisy = self.noise_scheduler.add_noise(target_latents, noise, timesteps)
         if self.training:
             drop_text, drop_source = self._cfg_dropout(batch, generator, device)
@@ -166,11 +180,32 @@ class GenerationModule(L.LightningModule):
                 image_embeds = image_embeds * (~drop_text)[:, None].to(image_embeds.dtype)
             source_latents = source_latents * (~drop_source)[:, None, None, None].to(source_latents.dtype)
         prediction = self.unet(noisy, source_latents, timesteps, f_txt, image_embeds=image_embeds, v_txt=v_txt)
-        if self.settings["prediction_type"] == "epsilon":
+        kind = self.settings["prediction_type"]
+        if kind == "epsilon":
             goal = noise
+        elif kind == "sample":
+            goal = target_latents
         else:
             goal = self.noise_scheduler.get_velocity(target_latents, noise, timesteps)
         return F.mse_loss(prediction.float(), goal.float())
+
+    def _sample_timesteps(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """Training timesteps (B,): uniform, or ``⌊T·u^p⌋`` biased to high noise by ``timestep_power``."""
+        steps = int(self.noise_scheduler.config.num_train_timesteps)
+        power = float(self.settings.get("timestep_power", 1.0))
+        if power == 1.0:
+            return torch.randint(0, steps, (batch_size,), generator=generator, device=device)
+        u = torch.rand(batch_size, generator=generator, device=device)
+        return (u.pow(power) * steps).long().clamp_(max=steps - 1)
+
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """DDIM on the training schedule; a residual's clean range is twice the latent's (``a − b``)."""
+        config = self.noise_scheduler.config
+        if not self.settings.get("residual", False):
+            return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, clip_sample_range=2.0 * float(config.get("clip_sample_range", 1.0)))
 
     def _text_condition(self, batch: dict[str, Any]) -> torch.Tensor:
         if "text_embeds" in batch:
@@ -178,7 +213,7 @@ class GenerationModule(L.LightningModule):
         return self.encode_text(list(batch["instruction"]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """One ε-prediction step on a batch with ``source``, ``target`` and ``instruction`` or ``text_embeds``."""
+        """One diffusion-loss step on a batch with ``source``, ``target`` and ``instruction`` or ``text_embeds``."""
         loss = self.diffusion_loss(
             batch["source"], batch["target"], self._text_condition(batch), batch.get("image_embeds"), batch.get("v_txt")
         )
@@ -220,17 +255,19 @@ class GenerationModule(L.LightningModule):
         """Edit ``source`` images (B, 3, H, W) in [-1, 1]; return the edited images in [-1, 1].
 
         The instruction comes as ``f_txt`` (B, L, D) or as strings for the text encoder. The default
-        sampler is DDIM built from the training schedule.
+        sampler is DDIM built from the training schedule (:meth:`sampling_scheduler`). With ``residual``
+        the sampled latent is the change and the source latent is added back before decoding.
         """
         if f_txt is None:
             if instructions is None:
                 raise ValueError("give either f_txt or instructions")
             f_txt = self.encode_text(instructions)
-        scheduler = scheduler or DDIMScheduler.from_config(self.noise_scheduler.config)
+        scheduler = scheduler or self.sampling_scheduler()
+        source_latents = self.latent_space.encode_source(source)
         latents = sample_with_dual_guidance(
             self.unet,
             scheduler,
-            self.latent_space.encode_source(source),
+            source_latents,
             f_txt,
             self.null_f_txt,
             image_embeds=image_embeds,
@@ -240,6 +277,8 @@ class GenerationModule(L.LightningModule):
             num_inference_steps=num_inference_steps,
             generator=generator,
         )
+        if self.settings.get("residual", False):
+            latents = latents + source_latents
         return self.latent_space.decode(latents).clamp(-1, 1)
 
     # ------------------------------------------------------------------------------- save and load
