@@ -13,6 +13,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from insightedit.errors import UserError
+from insightedit.training.composition import compose_config_args
+from insightedit.training.config_saving import SaveResolvedConfig
 
 
 class InsightEditCLI(LightningCLI):
@@ -42,6 +44,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     """Run a Lightning subcommand with ``argv`` (``["fit", "--config", ...]``); return the exit code."""
     # the console script passes sys.argv[1:] on as `args`, which Lightning warns about; that is intended
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    argv, merged_configs = compose_config_args(argv)
     try:
         InsightEditCLI(
             model_class=LightningModule,
@@ -50,9 +53,13 @@ def run_lightning_cli(argv: list[str]) -> int:
             subclass_mode_data=True,
             args=argv,
             parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=SaveResolvedConfig,
             save_config_kwargs={"overwrite": True},
         )
     except SystemExit as exit_request:  # argument errors and --help end here; keep main() returning codes
         code = exit_request.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        for path in merged_configs:
+            path.unlink(missing_ok=True)
     return 0

@@ -5,13 +5,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from omegaconf import OmegaConf
 
 from insightedit.cli import main
 from insightedit.lightning_cli import InsightEditCLI
 from insightedit.systems.insightedit import InsightEditSystem
+from insightedit.training.composition import compose_config_args, merge_config_files
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
+# complete configs name a model; overlays (strategy, devices, quantization) are composed after a stage
+COMPLETE = [p for p in ALL if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {})]
+OVERLAYS = [p for p in ALL if p not in COMPLETE]
 
 
 def as_tiny(config: dict, root: Path) -> dict:
@@ -35,10 +43,12 @@ def as_tiny(config: dict, root: Path) -> dict:
 def test_every_config_is_tested():
     names = {p.relative_to(CONFIGS).as_posix() for p in ALL}
     assert {"stage1.yaml", "stage2.yaml", "stage3.yaml", "tiny/stage1.yaml", "tiny/stage2.yaml",
-            "tiny/stage3.yaml"} <= names
+            "tiny/stage3.yaml", "base.yaml"} <= {p.relative_to(CONFIGS).as_posix() for p in COMPLETE}
+    assert {"fsdp_8gpu.yaml", "ddp.yaml", "qlora_1gpu.yaml"} <= {p.relative_to(CONFIGS).as_posix() for p in OVERLAYS}
+    assert len(COMPLETE) + len(OVERLAYS) == len(names)
 
 
-@pytest.mark.parametrize("path", ALL, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+@pytest.mark.parametrize("path", COMPLETE, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_config_parses_and_instantiates(path, tmp_path):
     raw = yaml.safe_load(path.read_text())
     # the file itself parses with the real parser (omegaconf mode), weights and all
@@ -62,6 +72,9 @@ def test_tiny_stage_fit_runs_in_process_and_writes_last_checkpoint(tmp_path, mon
         "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
         "--data.init_args.synthetic={num_images: 16, size: 32, seed: 0}",
         "--data.init_args.batch_size=4", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+        # CSV instead of the config's W&B logger (tests/test_training_wandb.py covers that one)
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=checkpoints/tiny/stage3",
+        "--trainer.logger.name=logs",
     ])
     assert code == 0
     last = tmp_path / "checkpoints" / "tiny" / "stage3" / "last.ckpt"
@@ -69,6 +82,8 @@ def test_tiny_stage_fit_runs_in_process_and_writes_last_checkpoint(tmp_path, mon
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert not any("vision_tower" in k for k in checkpoint["state_dict"])
+    saved = yaml.safe_load((last.parent / "config.yaml").read_text())  # the resolved config, beside the weights
+    assert saved["trainer"]["max_steps"] == 3 and saved["model"]["init_args"]["stage"] == 3
     metrics = (tmp_path / "checkpoints" / "tiny" / "stage3" / "logs").rglob("metrics.csv")
     text = next(metrics).read_text()
     for key in ("train/loss_llm", "train/loss_iaa", "train/loss_align", "train/loss_diff", "val/loss"):
@@ -81,3 +96,108 @@ def test_a_config_that_cannot_be_built_is_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot build what the config describes: init_from: checkpoint")
+
+
+def _instantiate(config: dict, tmp_path: Path) -> InsightEditCLI:
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump(config))
+    return InsightEditCLI(
+        model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+        args=["--config", str(tiny)], run=False, parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=None,
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_overlay_composes_with_a_stage_and_instantiates(overlay, tmp_path, capsys):
+    stage, over = CONFIGS / "stage3.yaml", yaml.safe_load(overlay.read_text())
+    # the real CLI deep-merges the files: the overlay's keys win, the stage's other settings stay
+    assert main(["fit", "--config", str(stage), "--config", str(overlay), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["comprehension"]["pretrained"] == "llava-hf/llava-1.5-7b-hf"
+    for key, value in over.get("trainer", {}).items():
+        if key != "strategy":
+            assert printed["trainer"][key] == value, key
+    for key, value in (over.get("model", {}).get("init_args", {}).get("comprehension") or {}).items():
+        assert printed["model"]["init_args"]["comprehension"][key] == value
+    merged = merge_config_files([str(stage), str(overlay)])
+    cli = _instantiate(as_tiny(merged, tmp_path), tmp_path)
+    assert isinstance(cli.model, InsightEditSystem) and cli.model.stage.name == "full"
+
+
+def _strategy(config: dict):
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Strategy, "strategy")
+    return parser.instantiate(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
+
+
+@pytest.mark.parametrize("files", [["stage3.yaml"], ["stage3.yaml", "fsdp_8gpu.yaml"],
+                                   ["base.yaml", "stage2.yaml", "fsdp_8gpu.yaml"]], ids="+".join)
+def test_fsdp_strategy_instantiates_with_wrapping_checkpointing_and_orig_params(files):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    strategy = _strategy(merge_config_files([str(CONFIGS / f) for f in files]))
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["use_orig_params"] is True
+    assert str(strategy.sharding_strategy) == "ShardingStrategy.FULL_SHARD"
+    if "fsdp_8gpu.yaml" in files:
+        checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+        assert LlamaDecoderLayer in checkpointed and UNetMidBlock2DCrossAttn in checkpointed
+        assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+
+
+def test_ddp_overlay_builds_a_ddp_strategy():
+    strategy = _strategy(merge_config_files([str(CONFIGS / "stage3.yaml"), str(CONFIGS / "ddp.yaml")]))
+    assert isinstance(strategy, DDPStrategy)
+
+
+def _resolved(paths: list[Path], **overrides) -> dict:
+    merged = merge_config_files([str(p) for p in paths])
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_file_restates_base_exactly(stage):
+    """base.yaml holds what the stages share; every stage file agrees with it except where stages differ."""
+    path = CONFIGS / f"stage{stage}.yaml"
+    alone = _resolved([path])
+    from_base = _resolved([CONFIGS / "base.yaml"], **{"model.init_args.stage": stage})
+    assert _resolved([CONFIGS / "base.yaml", path]) == alone
+    for config in (alone, from_base):
+        config["model"]["init_args"].pop("init_from")
+        if stage == 1:  # no UNet, so no edited images to log
+            config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
+                                              if not c["class_path"].endswith("EditImageLogger")]
+    assert from_base == alone
+
+
+def test_interpolation_resolves_and_paths_follow_the_stage(tmp_path, capsys):
+    assert main(["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "stage2.yaml"),
+                 "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    trainer = printed["trainer"]
+    assert trainer["default_root_dir"] == "checkpoints/stage2"
+    assert trainer["logger"]["init_args"]["save_dir"] == "checkpoints/stage2"
+    assert trainer["callbacks"][0]["init_args"]["dirpath"] == "checkpoints/stage2"
+
+
+def test_consecutive_configs_merge_into_one_temporary_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("model:\n  init_args:\n    comprehension: {lora_rank: 8, pretrained: x}\n")
+    b.write_text("model:\n  init_args:\n    comprehension: {quantization: 4bit}\n")
+    argv, temporary = compose_config_args(["fit", "--config", str(a), f"--config={b}", "--trainer.max_steps=3"])
+    try:
+        assert argv[:2] == ["fit", "--config"] and argv[3:] == ["--trainer.max_steps=3"]
+        merged = yaml.safe_load(Path(argv[2]).read_text())
+        expected = {"lora_rank": 8, "pretrained": "x", "quantization": "4bit"}
+        assert merged["model"]["init_args"]["comprehension"] == expected
+    finally:
+        for path in temporary:
+            path.unlink()
+    assert compose_config_args(["fit", "--config", str(a)]) == (["fit", "--config", str(a)], [])

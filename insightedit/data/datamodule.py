@@ -13,6 +13,7 @@ from insightedit.data.checking import CheckReport, enforce_bad_fraction, scan_re
 from insightedit.data.dataset import EditDataset, split_by_source
 from insightedit.data.images import CLIP_MEAN, CLIP_STD
 from insightedit.data.records import detect_format, load_records
+from insightedit.data.resumable import make_resumable
 from insightedit.data.samples import SampleConfig, collate_samples
 from insightedit.data.synthetic import SynthConfig, ensure_synthetic
 from insightedit.errors import UserError
@@ -133,8 +134,9 @@ class AdvancedEditDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (Lightning adds a DistributedSampler under DDP)."""
-        return self._loader("train", shuffle=True)
+        """Shuffled training batches, resumable mid-epoch and sharded per rank under DDP."""
+        loader = self._loader("train", shuffle=True)
+        return make_resumable(loader, self.hparams.seed) if isinstance(loader.dataset, EditDataset) else loader
 
     def val_dataloader(self) -> DataLoader:
         """Held-out batches (source images never seen in training)."""

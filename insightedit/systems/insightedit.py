@@ -168,8 +168,10 @@ class InsightEditSystem(L.LightningModule):
 
     # ---------------------------------------------------------------------------------- checkpoints
     def saved_names(self) -> set[str]:
-        """What a checkpoint keeps: this stage's trainable weights, those carried from earlier stages, and
-        the bridge's persistent buffers (the BIM's random Fourier matrix is drawn at build time)."""
+        """What a checkpoint keeps: trained weights, those carried from earlier stages, the bridge's buffers.
+
+        The buffers matter: the BIM's random Fourier matrix is drawn when the system is built.
+        """
         bridge_buffers = {
             name
             for name, _ in self.named_buffers()

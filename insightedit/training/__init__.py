@@ -1,0 +1,1 @@
+"""Training infrastructure: atomic checkpoint files, the resolved-config saver, FSDP2 sharding."""
