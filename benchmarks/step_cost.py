@@ -110,10 +110,13 @@ def main() -> None:
         insight_optimizer.step()
         insight_optimizer.zero_grad(set_to_none=True)
 
+    # warm both first (allocator, lazy inits), then measure each: neither pays the other's first-run costs
+    time_steps(ip2p_step, 0, args.warmup)
+    time_steps(insightedit_step, 0, args.warmup)
     with PeakRss() as ip2p_memory:
-        ip2p = time_steps(ip2p_step, args.steps, args.warmup)
+        ip2p = time_steps(ip2p_step, args.steps, 0)
     with PeakRss() as insight_memory:
-        insight = time_steps(insightedit_step, args.steps, args.warmup)
+        insight = time_steps(insightedit_step, args.steps, 0)
     result = {
         "batch_size": args.batch_size,
         "resolution": args.resolution,
