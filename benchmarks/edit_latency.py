@@ -22,16 +22,15 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from diffusers.utils import logging as diffusers_logging
+from peak_memory import PeakRss  # benchmarks/peak_memory.py
 
 from insightedit.pipeline import InsightEditPipeline
 from insightedit.pipeline.settings import make_scheduler
@@ -50,32 +49,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "unet_config": {"block_out_channels": (128, 256), "layers_per_block": 2, "in_channels": 4, "out_channels": 4},
     },
 }
-
-
-class PeakRss:
-    """Peak resident-set size above the level at entry, sampled every 2 ms in a thread."""
-
-    def __enter__(self) -> PeakRss:
-        self.process = psutil.Process(os.getpid())
-        self.base = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
-
-    @property
-    def rise(self) -> int:
-        """Bytes above the entry level at the peak."""
-        return self.peak - self.base
 
 
 def build(name: str, device: torch.device) -> tuple[InsightEditPipeline, StableDiffusionInstructPix2PixPipeline]:

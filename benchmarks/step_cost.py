@@ -13,44 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import torch
+from peak_memory import PeakRss  # benchmarks/peak_memory.py
 
 from insightedit.systems.insightedit import InsightEditSystem
-
-
-class PeakRss:
-    """Peak resident set size above the level at entry, sampled in a thread."""
-
-    def __enter__(self) -> PeakRss:
-        self.process = psutil.Process(os.getpid())
-        self.base = self.process.memory_info().rss
-        self.peak = self.base
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
-
-    @property
-    def rise_mib(self) -> float:
-        """Peak minus entry level, in MiB."""
-        return (self.peak - self.base) / 2**20
 
 
 def batch_for(system: InsightEditSystem, batch_size: int, resolution: int) -> dict:
