@@ -107,3 +107,11 @@ def test_tiny_config_plans_with_real_tensors(capsys):
     assert plan["modules"]["unet"]["params"] == plan["modules"]["unet"]["trainable"] > 1_000_000
     assert plan["memory"]["settings"]["precision"] == "32-true"
     assert 0 < plan["memory"]["bytes_per_device"]["activations"] < 2**30
+
+
+def test_a_config_the_model_rejects_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: insightedit.systems.insightedit.InsightEditSystem\n"
+                   "  init_args: {preset: full, stage: 7}\n")
+    assert main(["plan", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().endswith("stage must be 1, 2 or 3, got 7")

@@ -77,10 +77,14 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
     quantization = (init_args.get("comprehension") or {}).pop("quantization", None)
     (init_args.get("comprehension") or {}).pop("dtype", None)
     init_args.pop("init_from", None)
-    if init_args.get("preset") == "tiny":  # small enough to build for real (its tokenizer needs real tensors)
-        return _class(model_section["class_path"])(**init_args), named, quantization
-    with torch.device("meta"):
-        system = _class(model_section["class_path"])(**init_args)
+    model_class = _class(model_section["class_path"])
+    try:
+        if init_args.get("preset") == "tiny":  # small enough to build for real (its tokenizer needs real tensors)
+            return model_class(**init_args), named, quantization
+        with torch.device("meta"):
+            system = model_class(**init_args)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"model.init_args cannot build {model_section['class_path']}: {error}") from error
     return system, named, quantization
 
 
