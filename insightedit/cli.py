@@ -8,6 +8,7 @@ runs, so ``insightedit --help`` and ``insightedit --version`` answer without imp
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,9 @@ def _run_extra(name: str, argv: list[str]) -> int:
 
 def main(args: Sequence[str] | None = None) -> int:
     """Run the ``insightedit`` command with ``args`` (``sys.argv[1:]`` when ``None``); return the exit code."""
+    # bitsandbytes announces on import that an optional hub-downloaded CPU kernel is absent; we never
+    # want it fetched, and the notice would precede every one-line error
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
