@@ -18,7 +18,7 @@ from PIL import Image
 
 from insightedit.evaluation.protocols import EvalSample, get_protocol
 from insightedit.evaluation.report import aggregate_groups, write_csv, write_json
-from insightedit.evaluation.runner import EvalOptions, Scorers, load_scorers, score_samples
+from insightedit.evaluation.runner import EvalOptions, load_scorers, score_samples
 
 PAPER_COLUMNS = (
     ("viescore_O/10", "VIEScore", 3),
@@ -80,18 +80,12 @@ class EditTestRun:
         self.protocol = get_protocol(settings.protocol, settings.resolution, lpips_net)
         options = EvalOptions(
             protocol=settings.protocol,
-            lpips="lpips" if settings.lpips == "none" else settings.lpips,
+            lpips=settings.lpips,
             lpips_net=lpips_net,
             lpips_weights=settings.lpips_weights,
             clip_model=settings.clip_model,
         )
-        if settings.lpips == "none":
-            from insightedit.evaluation.clip_score import ClipScorer
-
-            clip = ClipScorer.from_pretrained(settings.clip_model, "cpu") if settings.clip_model else None
-            self.scorers = Scorers(lpips=None, clip=clip)
-        else:
-            self.scorers = load_scorers(self.protocol, options)
+        self.scorers = load_scorers(self.protocol, options)
         self.rows: dict[str, list[dict[str, object]]] = {}
         self.edits_dir: Path | None = None  # set by the caller once the output folder is known
 
