@@ -8,7 +8,12 @@ and reports, in one run, PSNR to the target *inside* the edit mask and *outside*
 - ``untrained``: the same system before training (same seed, same sampler);
 - ``trained``: the system after ``trainer.max_steps`` steps;
 - ``trained w/o IAA``: the paper's ablation on the twin — stage 3 without the IAA stream: no
-  ``L_IAA``, the Mapper frozen and the image branch's weight λ = 0, everything else equal.
+  ``L_IAA``, the Mapper frozen and the image branch's weight λ = 0, everything else equal;
+- ``InstructPix2Pix-style`` (``--variants ip2p``): the same UNet and diffusion settings conditioned on the
+  frozen text encoder's encoding of the instruction, no MLLM and no bridge (the baseline the paper improves).
+
+Held-out pairs are scored twice: with their templated instruction (``remove the red circle``) and with a
+reasoning phrasing (``Remove the smallest object.``), one table each.
 
 PSNR is per image (data range 1, images in [0, 1], the masked pixels' MSE over all three channels),
 capped at :data:`insightedit.evaluation.metrics.PSNR_CAP_DB`, then averaged, overall and per task type.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -37,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from insightedit.data import AdvancedEditDataModule
 from insightedit.evaluation.metrics import PSNR_CAP_DB
+from insightedit.systems.generation import GenerationModule
 from insightedit.systems.insightedit import InsightEditSystem
 from insightedit.systems.stages import GROUPS
 
@@ -84,15 +91,32 @@ def without_iaa(model_args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def held_out_batches(data: AdvancedEditDataModule, count: int, batch_size: int) -> list[dict[str, Any]]:
-    """``count`` held-out samples, drawn once (instruction phrasing fixed by the seed) and reused for all."""
+def ip2p_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """GenerationModule settings of an InstructPix2Pix-style editor on the system's UNet: no image branch."""
+    generation = dict(model_args.get("generation") or {})
+    generation.pop("image_scale", None)
+    generation.pop("num_image_tokens", None)
+    rates = (model_args.get("stage_settings") or {}).get("learning_rates") or {}
+    return {
+        "preset": model_args.get("preset", "tiny"), **generation, "image_embed_dim": 0,
+        "learning_rate": float(rates.get("unet", 1e-4)), "weight_decay": float(model_args.get("weight_decay", 0.0)),
+    }  # fmt: skip
+
+
+def held_out_batches(
+    data: AdvancedEditDataModule, count: int, batch_size: int, reasoning_probability: float
+) -> list[dict[str, Any]]:
+    """``count`` held-out samples (the same pairs for every call), phrased templated (0) or reasoning (1)."""
     torch.manual_seed(1234)
     import random
 
     random.seed(1234)
     dataset = data.datasets["val"]
+    config = dataset.builder.config
+    dataset.builder.config = dataclasses.replace(config, reasoning_probability=reasoning_probability)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()[:count]
     samples = [dataset[i] for i in order]
+    dataset.builder.config = config
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -114,7 +138,7 @@ def masked_psnr(edited: torch.Tensor, target: torch.Tensor, region: torch.Tensor
 
 @torch.no_grad()
 def evaluate(
-    system: InsightEditSystem | None, batches: list[dict[str, Any]], sampling: dict[str, Any]
+    system: InsightEditSystem | GenerationModule | None, batches: list[dict[str, Any]], sampling: dict[str, Any]
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """PSNR inside/outside the mask per task type; ``system=None`` is the identity edit."""
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"in": [], "out": []})
@@ -124,6 +148,9 @@ def evaluate(
     for index, batch in enumerate(batches):
         if system is None:
             edited = batch["source"]
+        elif isinstance(system, GenerationModule):
+            generator = torch.Generator().manual_seed(index)
+            edited = system.edit(batch["source"], instructions=batch["instruction"], generator=generator, **sampling)
         else:
             generator = torch.Generator().manual_seed(index)
             edited = system.edit(
@@ -151,10 +178,11 @@ def train(
     seed: int,
     label: str,
     max_minutes: float | None = None,
-) -> tuple[InsightEditSystem, InsightEditSystem | None, dict[str, Any]]:
+    module: type[L.LightningModule] = InsightEditSystem,
+) -> tuple[Any, Any, dict[str, Any]]:
     """Build (seeded) and train one system; return it, an untrained copy and the run's statistics."""
     L.seed_everything(seed, verbose=False)
-    system = InsightEditSystem(**copy.deepcopy(model_args))
+    system = module(**copy.deepcopy(model_args))
     untrained = copy.deepcopy(system)
     timer = StepTimer()
     trainer = L.Trainer(
@@ -222,17 +250,27 @@ def markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+KINDS = {"templated": 0.0, "reasoning": 1.0}  # held-out instruction phrasing -> reasoning probability
+LABELS = {"iaa": "stage 3", "no_iaa": "stage 3 w/o IAA", "ip2p": "InstructPix2Pix-style, same UNet"}
+
+
 def main() -> None:
-    """Parse arguments, train both variants, evaluate four rows, write the table and the picture."""
+    """Parse arguments, train the variants, evaluate every row on both phrasings, write tables and picture."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("lightning_configs/tiny/stage3.yaml"))
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's max_steps)")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument(
+        "--reasoning-probability",
+        type=float,
+        default=None,
+        help="share of reasoning phrasings in training (default: the config's)",
+    )
     parser.add_argument("--eval-pairs", type=int, default=240)
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--text-guidance", type=float, default=1.0)
     parser.add_argument("--image-guidance", type=float, default=1.0)
-    parser.add_argument("--variants", nargs="+", default=["iaa", "no_iaa"], choices=["iaa", "no_iaa"])
+    parser.add_argument("--variants", nargs="+", default=["iaa", "no_iaa", "ip2p"], choices=list(LABELS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop each training run after this long")
@@ -244,42 +282,61 @@ def main() -> None:
     steps = args.steps or int(trainer_args.get("max_steps", 300))
     if args.batch_size:
         data_args["batch_size"] = args.batch_size
+    if args.reasoning_probability is not None:
+        data_args["reasoning_probability"] = args.reasoning_probability
     data = AdvancedEditDataModule(**data_args)
     data.prepare_data()
     data.setup("fit")
-    batches = held_out_batches(data, args.eval_pairs, 80)
+    held_out = {kind: held_out_batches(data, args.eval_pairs, 80, p) for kind, p in KINDS.items()}
     sampling = {
         "num_inference_steps": args.inference_steps,
         "text_guidance": args.text_guidance,
         "image_guidance": args.image_guidance,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"config": str(args.config), "steps": steps, "batch_size": data_args["batch_size"],
-                               "eval_pairs": len([t for b in batches for t in b["task_type"]]), "sampling": sampling,
-                               "train_images": len(data.datasets["train"]), "rows": {}, "runs": {}}  # fmt: skip
-    rows: list[tuple[str, dict[str, Any]]] = []
-    identity, _ = evaluate(None, batches, sampling)
-    rows.append(("identity (output = source)", identity))
+    results: dict[str, Any] = {
+        "config": str(args.config), "steps": steps, "batch_size": data_args["batch_size"],
+        "train_reasoning_probability": data_args.get("reasoning_probability", 0.5),
+        "eval_pairs": len([t for b in held_out["templated"] for t in b["task_type"]]), "sampling": sampling,
+        "train_images": len(data.datasets["train"]), "rows": {kind: {} for kind in KINDS}, "runs": {},
+    }  # fmt: skip
+    rows: dict[str, list[tuple[str, dict[str, Any]]]] = {kind: [] for kind in KINDS}
+
+    def score(name: str, system: Any) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = []
+        for kind, batches in held_out.items():
+            table, edited = evaluate(system, batches, sampling)
+            rows[kind].append((name, table))
+            outputs = edited if kind == "templated" else outputs
+        return outputs
+
+    def report() -> str:
+        return "\n\n".join(f"{kind} instructions:\n\n{markdown(table)}" for kind, table in rows.items())
+
+    score("identity (output = source)", None)
     trained_outputs: list[torch.Tensor] | None = None
     for variant in args.variants:
-        variant_args = model_args if variant == "iaa" else without_iaa(model_args)
-        label = "stage 3" if variant == "iaa" else "stage 3 w/o IAA"
-        system, untrained, stats = train(variant_args, data, steps, args.seed, label, args.max_minutes)
-        if variant == args.variants[0]:
-            table, _ = evaluate(untrained, batches, sampling)
-            rows.append((f"untrained ({label})", table))
-        table, outputs = evaluate(system, batches, sampling)
-        rows.append((f"trained ({label})", table))
+        label = LABELS[variant]
+        if variant == "ip2p":
+            system, untrained, stats = train(
+                ip2p_args(model_args), data, steps, args.seed, label, args.max_minutes, module=GenerationModule
+            )
+        else:
+            variant_args = model_args if variant == "iaa" else without_iaa(model_args)
+            system, untrained, stats = train(variant_args, data, steps, args.seed, label, args.max_minutes)
+            if variant == "iaa":
+                score(f"untrained ({label})", untrained)
+        outputs = score(f"trained ({label})", system)
         results["runs"][variant] = stats
         if trained_outputs is None:
             trained_outputs = outputs
-        print(markdown(rows), flush=True)
-    results["rows"] = dict(rows)
-    text = markdown(rows)
+        print(report(), flush=True)
+    results["rows"] = {kind: dict(table) for kind, table in rows.items()}
+    text = report()
     (args.out / "learning.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "learning.md").write_text(text + "\n")
     assert trained_outputs is not None
-    picture(batches, trained_outputs, args.out / "learning_edits.png", count=12, scale=3)
+    picture(held_out["templated"], trained_outputs, args.out / "learning_edits.png", count=12, scale=3)
     print(text)
     for variant, stats in results["runs"].items():
         rate = stats["steps_per_second"]
