@@ -1,4 +1,4 @@
-"""``insightedit plan --edit``: peak memory of one edit, per precision, 4-bit MLLM and low-memory mode."""
+"""``insightedit plan --edit``: peak memory of one edit, per precision, 4-bit MLLM and memory mode."""
 
 import json
 from pathlib import Path
@@ -45,7 +45,7 @@ def run_plan(capsys, config: str, resolution: int) -> list[dict]:
 
 
 def by_setting(rows: list[dict]) -> dict[tuple, dict]:
-    return {(r["dtype"], r["four_bit_mllm"], r["low_memory"]): r for r in rows}
+    return {(r["dtype"], r["four_bit_mllm"], r["memory_mode"]): r for r in rows}
 
 
 def test_tiny_edit_plan_orders_the_settings():
@@ -53,21 +53,51 @@ def test_tiny_edit_plan_orders_the_settings():
     from insightedit.systems.insightedit import InsightEditSystem
 
     system = InsightEditSystem(preset="tiny", generation={"latent": "vae"}).to("meta")
-    rows = {(r.dtype, r.four_bit, r.low_memory): r for r in plan_edit_memory(system, 64)}
-    assert len(rows) == 8
+    rows = {(r.dtype, r.four_bit, r.memory_mode): r for r in plan_edit_memory(system, 64)}
+    assert len(rows) == 10  # 2 dtypes x (full, low, sequential with the 16-bit MLLM; full, low with the 4-bit)
     for dtype in ("float16", "bfloat16"):
-        assert rows[(dtype, False, True)].peak < rows[(dtype, False, False)].peak
-        assert rows[(dtype, True, False)].weights["mllm"] < rows[(dtype, False, False)].weights["mllm"]
-        assert min(rows[(dtype, False, False)].activations.values()) > 0
-    assert rows[("float16", True, True)].peak == rows[("bfloat16", True, True)].peak
+        assert rows[(dtype, False, "sequential")].peak <= rows[(dtype, False, "low")].peak
+        assert rows[(dtype, False, "low")].peak < rows[(dtype, False, "full")].peak
+        assert rows[(dtype, True, "full")].weights["mllm"] < rows[(dtype, False, "full")].weights["mllm"]
+        assert min(rows[(dtype, False, "full")].activations.values()) > 0
+        assert rows[(dtype, False, "full")].moved == 0 < rows[(dtype, False, "sequential")].moved
+    assert rows[("float16", True, "low")].peak == rows[("bfloat16", True, "low")].peak
 
 
 def test_full_size_edit_at_512_fits_8_gb_in_low_memory_with_the_4bit_mllm(capsys):
     rows = by_setting(run_plan(capsys, "stage3.yaml", 512))
-    resident = rows[("float16", False, False)]
+    resident = rows[("float16", False, "full")]
     assert resident["weights_gib"]["mllm"] == pytest.approx(7_063_427_072 * 2 / GIB, rel=0.01)  # LLaVA-7B in 16 bit
     assert resident["weights_gib"]["unet"] == pytest.approx(881_065_668 * 2 / GIB, rel=0.01)  # UNet + image branch
     assert not resident["fits_8_gb"]
-    low = rows[("float16", True, True)]
-    assert low["fits_8_gb"] and low["peak_gib"] < 6
-    assert rows[("bfloat16", False, True)]["peak_gib"] > 8  # low-memory alone cannot hold the 16-bit 7B MLLM
+    low = rows[("float16", True, "low")]  # the 4-bit MLLM stays on the accelerator while the UNet runs
+    w = low["weights_gib"]
+    assert low["fits_8_gb"] and low["peak_gib"] >= round(w["mllm"] + w["unet"] + w["vae"], 2)
+    assert rows[("bfloat16", False, "low")]["peak_gib"] > 8  # low-memory alone cannot hold the 16-bit 7B MLLM
+
+
+def test_full_size_sequential_edit_at_512_fits_8_gb_without_quantization(capsys):
+    rows = by_setting(run_plan(capsys, "stage3.yaml", 512))
+    assert ("float16", True, "sequential") not in rows  # the mode refuses a 4-bit MLLM
+    # by hand, from LLaVA-1.5-7B's config (hidden 4096, MLP 11008, 32 layers, vocab 32064) and stage 3's
+    # LoRA (r = 8 on q, k, v, o): the largest block the offload streams is one LLaMA decoder layer
+    h, f, r = 4096, 11008, 8
+    decoder_layer = 4 * h * h + 3 * h * f + 2 * h  # attention, MLP, two RMSNorms: 202,383,360
+    assert decoder_layer == 202_383_360
+    lora = 4 * r * (h + h)
+    embedding = 32064 * h + 32 * h  # frozen rows + [MM] rows: smaller than a layer
+    assert embedding < decoder_layer
+    block = (decoder_layer + lora) * 2  # fp16 bytes: 405,291,008
+    for dtype in ("float16", "bfloat16"):
+        row = rows[(dtype, False, "sequential")]
+        assert row["largest_mllm_block_bytes"] == block
+        w, a = row["weights_gib"], row["activations_gib"]
+        understand = block / GIB + w["bridge"] + max(a["mllm"], a["bridge"])
+        generate = w["unet"] + w["vae"] + max(a["unet"], a["vae"])
+        assert row["peak_gib"] == pytest.approx(max(understand, generate), abs=0.01)
+        assert row["peak_bytes"] < 8e9 and row["fits_8_gb"] and row["peak_gib"] < 3
+        # one way per edit: the MLLM without its output head (32064 x 4096, never run) + swaps of the rest
+        streamed = 7_063_427_072 + 8_388_608 + 2 * 32 * h - 32064 * h - 32 * h
+        swapped = 2 * (w["bridge"] + w["unet"] + w["vae"]) * GIB
+        assert row["moved_gb_per_edit"] == pytest.approx((2 * streamed + swapped) / 1e9, abs=0.02)
+        assert row["transfer_s_estimate"] == pytest.approx(row["moved_gb_per_edit"] / 25, abs=0.01)

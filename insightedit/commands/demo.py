@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from insightedit.commands.edit import add_model_arguments
+from insightedit.commands.edit import add_model_arguments, check_model_arguments
 from insightedit.errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -66,6 +66,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--steps", type=int, default=20, help="the steps slider's starting value")
     args = parser.parse_args(argv)
+    check_model_arguments(args)
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> int:
         device=args.device,
         dtype=args.dtype,
         quantization="4bit" if args.four_bit else None,
-        low_memory=args.low_memory,
+        memory_mode=args.memory,
     )
     build_demo(pipeline, default_steps=args.steps).launch(server_name=args.host, server_port=args.port, share=False)
     return 0

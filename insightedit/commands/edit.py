@@ -16,6 +16,7 @@ from insightedit.errors import UserError
 from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
 
 SCHEDULER_NAMES = ("ddim", "euler_a", "dpm++")
+MEMORY_MODE_NAMES = ("full", "low", "sequential")  # InsightEditPipeline's memory_mode
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +27,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", help="auto (bf16/fp16 on a GPU, fp32 on the CPU), float32, bfloat16, float16"
     )
     parser.add_argument("--4bit", dest="four_bit", action="store_true", help="load the MLLM's LLM in 4 bit (NF4)")
-    parser.add_argument(
-        "--low-memory", action="store_true", help="keep only the MLLM or only the UNet on the accelerator at a time"
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument(
+        "--memory",
+        choices=MEMORY_MODE_NAMES,
+        default="full",
+        help="where the weights live during an edit: full (all on the accelerator; fastest), low (the MLLM and "
+        "bridge, then the UNet and VAE, take turns on it), sequential (as low, and the MLLM stays in CPU memory "
+        "and streams to the accelerator one layer at a time: least memory, ~2.2 GiB at 512x512 for the full "
+        "model, slowest; not with --4bit). Default: full",
     )
+    memory.add_argument(
+        "--low-memory", dest="memory", action="store_const", const="low", help="the same as --memory low"
+    )
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Refuse model options that cannot go together, before anything is loaded."""
+    if args.memory == "sequential" and args.four_bit:
+        raise UserError("--memory sequential streams the 16-bit MLLM; with --4bit use --memory low")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +86,7 @@ def main(argv: list[str]) -> int:
         raise UserError("the instruction is empty: say what to change")
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    check_model_arguments(args)
     out_format = check_output(args.out)
     source = read_image(args.image, max_pixels=args.max_pixels)
 
@@ -79,7 +97,7 @@ def main(argv: list[str]) -> int:
         device=args.device,
         dtype=args.dtype,
         quantization="4bit" if args.four_bit else None,
-        low_memory=args.low_memory,
+        memory_mode=args.memory,
     )
     result = pipeline(
         source,

@@ -3,8 +3,13 @@
 Per edit the MLLM, the Q-Former, the BIM and the IAA Mapper run once; then the generation module's own
 sampler (:meth:`GenerationModule.edit`, dual classifier-free guidance with the three branches in one
 batched UNet call per step) makes the edit, so whatever parameterisation the generation module was
-trained with is honoured here. ``low_memory`` keeps only one half of the model on the accelerator at a
-time: the MLLM and bridge while the conditions are computed, the UNet and VAE while they are used.
+trained with is honoured here.
+
+Memory modes (``memory_mode``): ``"full"`` keeps everything on the accelerator; ``"low"`` keeps only one
+half there at a time: the MLLM and bridge while the conditions are computed, the UNet and VAE while they
+are used; ``"sequential"`` is ``"low"`` with the MLLM's weights left in CPU memory and streamed to the
+accelerator one block (decoder layer, vision layer...) at a time while it runs
+(:mod:`insightedit.pipeline.offload`, accelerate's hooks).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from diffusers import DDIMScheduler
@@ -26,6 +31,7 @@ from insightedit.models.bridging.presets import BridgingSizes, preset_sizes
 from insightedit.models.comprehension.model import ComprehensionModel, ComprehensionOutput
 from insightedit.pipeline import folder as fmt
 from insightedit.pipeline.images import ImageInput, mllm_view, resize, split_images, to_pil, working_size
+from insightedit.pipeline.offload import SequentialOffload
 from insightedit.pipeline.settings import make_scheduler, resolve_device, resolve_dtype
 from insightedit.systems.generation import GenerationModule
 
@@ -33,6 +39,24 @@ if TYPE_CHECKING:
     from insightedit.systems.insightedit import InsightEditSystem
 
 SIZE_KEYS = ("d_llm", "d_vision", "text_dim", "unet_in_width", "clip_dim")
+MemoryMode = Literal["full", "low", "sequential"]
+MEMORY_MODES: tuple[str, ...] = ("full", "low", "sequential")
+
+
+def resolve_memory_mode(memory_mode: str | None, low_memory: bool = False) -> MemoryMode:
+    """``memory_mode`` checked, or from the older flag: ``low_memory=True`` is ``"low"``, else ``"full"``."""
+    if memory_mode is None:
+        return "low" if low_memory else "full"
+    if memory_mode not in MEMORY_MODES:
+        raise UserError(f"unknown memory mode {memory_mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+    if low_memory and memory_mode == "full":
+        raise UserError("low_memory=True contradicts memory_mode='full'")
+    return cast(MemoryMode, memory_mode)
+
+
+def is_4bit(comprehension: ComprehensionModel) -> bool:
+    """Whether the MLLM's language model was loaded in 4 bit (bitsandbytes)."""
+    return bool(getattr(comprehension.base_model, "is_loaded_in_4bit", False))
 
 
 @dataclass
@@ -58,7 +82,9 @@ class InsightEditPipeline:
         bridge_sizes: the bridge's sizes and query count (needed to save it).
         preset: ``"tiny"`` or ``"full"`` (recorded in the saved folder).
         resolution: default working resolution (about ``resolution``² pixels; ``None``: the source's size).
-        low_memory: keep only the part in use on the accelerator (see the module docstring).
+        low_memory: the older switch for ``memory_mode="low"``.
+        memory_mode: ``"full"``, ``"low"`` or ``"sequential"`` (see the module docstring and
+            :meth:`set_memory_mode`); ``None``: ``"low"`` if ``low_memory`` else ``"full"``.
     """
 
     def __init__(
@@ -70,6 +96,7 @@ class InsightEditPipeline:
         preset: str = "tiny",
         resolution: int | None = None,
         low_memory: bool = False,
+        memory_mode: MemoryMode | None = None,
     ) -> None:
         self.comprehension = comprehension.requires_grad_(False).eval()
         self.bridging = bridging.requires_grad_(False).eval()
@@ -77,10 +104,13 @@ class InsightEditPipeline:
         self.bridge_sizes = bridge_sizes
         self.preset = preset
         self.resolution = resolution
-        self.low_memory = low_memory
-        self.device = self.generation.null_f_txt.device
-        self.dtype = self.generation.null_f_txt.dtype
+        null = cast(torch.Tensor, self.generation.null_f_txt)
+        self.device: torch.device = null.device
+        self.dtype: torch.dtype = null.dtype
         self.timings: dict[str, float] = {}
+        self.memory_mode: MemoryMode = "full"
+        self.offload: SequentialOffload | None = None
+        self.set_memory_mode(resolve_memory_mode(memory_mode, low_memory))
 
     # ------------------------------------------------------------------------------ build and save
     @classmethod
@@ -108,17 +138,23 @@ class InsightEditPipeline:
         dtype: str | torch.dtype | None = None,
         quantization: str | None = None,
         low_memory: bool = False,
+        memory_mode: MemoryMode | None = None,
     ) -> InsightEditPipeline:
         """Load a folder written by :meth:`save_pretrained` / ``insightedit export``.
 
         ``device``/``dtype`` default to the best available (bf16 or fp16 on a GPU, fp32 on the CPU);
-        ``quantization="4bit"`` loads the MLLM's language model in NF4 (bitsandbytes).
+        ``quantization="4bit"`` loads the MLLM's language model in NF4 (bitsandbytes); ``memory_mode``
+        (or ``low_memory=True`` for ``"low"``) as in the class docstring; ``"sequential"`` needs the
+        16-bit MLLM (no ``quantization``).
         """
         directory = Path(directory)
+        mode = resolve_memory_mode(memory_mode, low_memory)
+        if mode == "sequential" and quantization:
+            raise UserError("the sequential memory mode streams 16-bit weights; with a 4-bit MLLM use 'low'")
         index = fmt.read_model_index(directory)
         target = resolve_device(device)
         precision = resolve_dtype(dtype, target)
-        home = torch.device("cpu") if low_memory else target
+        home = torch.device("cpu") if mode != "full" else target
         try:
             with fmt.quiet_progress():
                 comprehension = fmt.load_comprehension(
@@ -134,7 +170,7 @@ class InsightEditPipeline:
             raise UserError(f"model folder {directory} is unreadable: {first}") from error
         sizes = (BridgingSizes(**config["sizes"]), int(config["num_queries"]))
         preset = str(index.get("preset", "tiny"))
-        return cls(comprehension, bridging, generation, sizes, preset, index.get("resolution"), low_memory)
+        return cls(comprehension, bridging, generation, sizes, preset, index.get("resolution"), memory_mode=mode)
 
     def save_pretrained(self, directory: str | Path, base: str | None = None) -> Path:
         """Write the self-contained folder (see :mod:`insightedit.pipeline.folder`).
@@ -144,6 +180,15 @@ class InsightEditPipeline:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        mode = self.memory_mode
+        if mode == "sequential":
+            self.set_memory_mode("low")  # the real weights back in the modules while they are written
+        try:
+            return self._save(directory, base)
+        finally:
+            self.set_memory_mode(mode)
+
+    def _save(self, directory: Path, base: str | None) -> Path:
         with fmt.quiet_progress():
             parts = {
                 "comprehension": fmt.save_comprehension(self.comprehension, directory / "comprehension", base),
@@ -155,6 +200,35 @@ class InsightEditPipeline:
         return directory
 
     # ----------------------------------------------------------------------------------- placement
+    @property
+    def low_memory(self) -> bool:
+        """Whether only one half of the model is on the accelerator at a time (``"low"`` or ``"sequential"``)."""
+        return self.memory_mode != "full"
+
+    def set_memory_mode(self, mode: MemoryMode) -> None:
+        """Switch between ``"full"``, ``"low"`` and ``"sequential"`` (see the module docstring).
+
+        ``"sequential"`` moves the MLLM to the CPU and installs the offload hooks (its parameters are then
+        ``meta`` tensors between forwards, the real ones held by the hooks); leaving it removes every hook
+        and puts the real weights back in the modules (on the CPU; the next edit places them as the new
+        mode says). ``"full"`` moves every part to the pipeline's device now.
+        """
+        mode = resolve_memory_mode(mode)
+        if mode == self.memory_mode and (mode != "sequential" or self.offload is not None):
+            return
+        if mode == "sequential" and is_4bit(self.comprehension):
+            raise UserError("the sequential memory mode streams 16-bit weights; with a 4-bit MLLM use 'low'")
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
+        if mode == "sequential":
+            self.comprehension.to("cpu")
+            self.offload = SequentialOffload(self.comprehension, self.device)
+        elif mode == "full":
+            self._move_understanding(self.device)
+            self._move_generation(self.device)
+        self.memory_mode = mode
+
     @property
     def size_multiple(self) -> int:
         """Pixel sizes the UNet accepts: latent downsampling × 2 per UNet downsampling block."""
@@ -168,13 +242,15 @@ class InsightEditPipeline:
         self.generation.null_f_txt = self.generation.null_f_txt.to(device)
 
     def _move_understanding(self, device: torch.device) -> None:
-        if getattr(self.comprehension.base_model, "is_loaded_in_4bit", False) and device.type == "cpu":
+        self.bridging.to(device)
+        if self.offload is not None:
+            return  # the hooks bring each block of the MLLM to the device while it runs
+        if is_4bit(self.comprehension) and device.type == "cpu":
             return  # bitsandbytes 4-bit weights stay where they were loaded
         self.comprehension.to(device)
-        self.bridging.to(device)
 
     def _place(self, phase: str) -> None:
-        """In low-memory mode, put the parts of ``phase`` (understand | generate) on the device, others on CPU."""
+        """Low and sequential modes: ``phase``'s parts (understand | generate) to the device, the others to CPU."""
         if not self.low_memory or self.device.type == "cpu":
             return
         cpu = torch.device("cpu")
@@ -192,7 +268,7 @@ class InsightEditPipeline:
     def understand(self, images: list[torch.Tensor], instructions: list[str]) -> ComprehensionOutput:
         """The MLLM's ``h`` (B, r, d_llm) and patch features for unit images (3, H, W) and instructions."""
         size = self.comprehension.image_size
-        device = next(self.comprehension.parameters()).device
+        device = self.device if self.offload is not None else next(self.comprehension.parameters()).device
         pixels = torch.stack([mllm_view(image, size) for image in images]).to(device)  # (B, 3, S, S)
         return self.comprehension(pixels, instructions, compute_loss=False)
 
@@ -256,8 +332,15 @@ class InsightEditPipeline:
             unet.image_scale = image_scale
         try:
             return self._edit(
-                images, instructions, text_guidance, image_guidance, num_inference_steps, generator, scheduler,
-                resolution, output_type,
+                images,
+                instructions,
+                text_guidance,
+                image_guidance,
+                num_inference_steps,
+                generator,
+                scheduler,
+                resolution,
+                output_type,
             )
         finally:
             unet.image_scale = previous_scale
@@ -322,4 +405,4 @@ class InsightEditPipeline:
         return EditOutput(outputs, dict(self.timings))
 
 
-__all__ = ["EditOutput", "InsightEditPipeline"]
+__all__ = ["MEMORY_MODES", "EditOutput", "InsightEditPipeline", "MemoryMode", "resolve_memory_mode"]

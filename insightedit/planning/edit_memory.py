@@ -1,5 +1,9 @@
 """Peak accelerator memory of one edit (``insightedit plan --edit``), for the configured model, with no weights.
 
+One row per precision (fp16, bf16), MLLM (16-bit or 4-bit) and memory mode of ``InsightEditPipeline``:
+``full`` (everything resident), ``low`` (MLLM + bridge, then UNet + VAE) and ``sequential`` (``low`` with
+the 16-bit MLLM streamed from CPU memory a block at a time; no 4-bit row: that mode refuses a 4-bit MLLM).
+
 Method (printed with every plan):
 - weights in the edit's dtype (2 bytes for fp16 and bf16 alike); with the 4-bit MLLM the language
   model's frozen linear weights take :data:`NF4_BYTES` (NF4 with double quantization), the vision tower,
@@ -13,10 +17,18 @@ Method (printed with every plan):
 - the MLLM's forward cannot run on ``meta`` (LLaVA scatters image features by a data-dependent mask), so
   its activations are a formula: the KV cache transformers keeps for the one forward (2·L·s·h), the
   vision tower's hidden states (all layers, which LLaVA asks for) and one layer's transients (4·s·h + 3·s·f);
-- the peak is the largest phase: everything resident plus the largest activation, or in the low-memory
-  mode the larger of (MLLM + bridge + their activations) and (UNet + VAE + theirs).
+- the peak is the largest phase: full mode, everything resident plus the largest activation; low mode,
+  the larger of (MLLM + bridge + their activations) and (UNet + VAE + theirs), plus the 4-bit MLLM in the
+  second phase too, since bitsandbytes weights stay on the accelerator; sequential mode, the same with
+  the MLLM replaced by its largest streamed block (the blocks the offload hooks load whole, listed from the
+  built model by the rule accelerate applies: for LLaVA-7B one LLaMA decoder layer with its LoRA), an upper
+  bound since that block's weights and the whole forward's activation peak need not coincide;
+- moved per edit and its time: weights copied between CPU and accelerator memory in one edit (low: every
+  part there and back, a 4-bit MLLM excepted; sequential: every MLLM block that runs, one way, output head
+  excluded, plus bridge, UNet and VAE there and back) at an assumed :data:`PCIE_BYTES_PER_S` (PCIe 4.0 x16
+  from pinned memory): an estimate of the added seconds, not a measurement.
 Not included: the CUDA context (~0.3–0.5 GiB), allocator fragmentation, the MLLM's 4-bit dequantization
-buffers (one layer's weights in 16 bit, ~0.2 GiB for LLaVA-7B).
+buffers (one layer's weights in 16 bit, ~0.2 GiB for LLaVA-7B), buffers the offload keeps resident (KB).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from insightedit.pipeline.offload import offload_blocks
 from insightedit.planning.inventory import count_modules
 from insightedit.planning.memory import GIB, NF4_BYTES
 
@@ -41,6 +54,8 @@ MLLM_PARTS = ("lora", "mm_embeddings", "llava")
 BRIDGE_PARTS = ("qformer", "bim", "mapper")
 GENERATION_PARTS = ("unet", "image_branch", "vae")
 GOAL_GIB = 8.0
+PCIE_BYTES_PER_S = 25e9  # host-to-device copy rate assumed for the transfer estimate
+MODES = ("full", "low", "sequential")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -97,30 +112,60 @@ class EditMemory:
 
     dtype: str
     four_bit: bool
-    low_memory: bool
+    memory_mode: str  # full | low | sequential
     weights: dict[str, int]
     activations: dict[str, int]
+    largest_block: int = 0  # bytes of the largest MLLM block the sequential mode streams
+    streamed: int = 0  # bytes of the MLLM blocks that run in an edit (what the stream copies)
+
+    @property
+    def low_memory(self) -> bool:
+        """Whether only one phase's parts are on the accelerator at a time (low or sequential)."""
+        return self.memory_mode != "full"
+
+    @property
+    def mllm_on_accelerator(self) -> int:
+        """The MLLM bytes on the accelerator at once: all of it, or its largest block when streamed."""
+        return self.largest_block if self.memory_mode == "sequential" else self.weights["mllm"]
 
     @property
     def peak(self) -> int:
         """Peak bytes on the accelerator."""
         w, a = self.weights, self.activations
-        understand = w["mllm"] + w["bridge"] + max(a["mllm"], a["bridge"])
-        generate = w["unet"] + w["vae"] + max(a["unet"], a["vae"])
-        if self.low_memory:
-            return max(understand, generate)
-        return sum(w.values()) + max(a.values())
+        if self.memory_mode == "full":
+            return sum(w.values()) + max(a.values())
+        understand = self.mllm_on_accelerator + w["bridge"] + max(a["mllm"], a["bridge"])
+        stays = w["mllm"] if (self.four_bit and self.memory_mode == "low") else 0  # bitsandbytes weights stay
+        generate = stays + w["unet"] + w["vae"] + max(a["unet"], a["vae"])
+        return max(understand, generate)
+
+    @property
+    def moved(self) -> int:
+        """Bytes copied between CPU and accelerator memory per edit (see the method)."""
+        w = self.weights
+        if self.memory_mode == "full":
+            return 0
+        swapped = 2 * (w["bridge"] + w["unet"] + w["vae"])
+        if self.memory_mode == "sequential":
+            return swapped + self.streamed
+        return swapped + (0 if self.four_bit else 2 * w["mllm"])
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain data, in GiB."""
+        """Plain data, in GiB (``moved_gb_per_edit`` in GB, 10⁹ bytes, as bandwidth is quoted)."""
         return {
             "dtype": self.dtype,
             "four_bit_mllm": self.four_bit,
+            "memory_mode": self.memory_mode,
             "low_memory": self.low_memory,
             "weights_gib": {k: round(v / GIB, 3) for k, v in self.weights.items()},
             "activations_gib": {k: round(v / GIB, 3) for k, v in self.activations.items()},
+            "mllm_on_accelerator_gib": round(self.mllm_on_accelerator / GIB, 3),
+            "largest_mllm_block_bytes": self.largest_block,
+            "peak_bytes": self.peak,
             "peak_gib": round(self.peak / GIB, 2),
             "fits_8_gb": self.peak / 1e9 <= GOAL_GIB,
+            "moved_gb_per_edit": round(self.moved / 1e9, 2),
+            "transfer_s_estimate": round(self.moved / PCIE_BYTES_PER_S, 2),
         }
 
 
@@ -139,6 +184,19 @@ def weight_bytes(system: nn.Module, four_bit: bool) -> dict[str, int]:
             total += quantized * NF4_BYTES + (count.params - quantized) * 2
         result[group] = int(total)
     return result
+
+
+def streamed_block_bytes(system: Any, bytes_per_value: int = 2) -> tuple[int, int]:
+    """(largest block, all blocks that run) of the MLLM's sequential offload, in bytes at ``bytes_per_value``.
+
+    The blocks are :func:`insightedit.pipeline.offload.offload_blocks` of the comprehension model (works on
+    ``meta``); the output head's blocks never run in an edit (only the hidden states are read).
+    """
+    mllm = system.comprehension.model
+    head = mllm.base_model.get_output_embeddings()
+    in_head = {id(module) for module in head.modules()} if head is not None else set()
+    sizes = [block.num_params() * bytes_per_value for block in offload_blocks(mllm) if id(block.module) not in in_head]
+    return max(sizes), sum(sizes)
 
 
 def mllm_activation_bytes(system: Any, bytes_per_value: int = 2) -> int:
@@ -188,34 +246,45 @@ def counted_activations(system: Any, resolution: int, dtype: torch.dtype) -> dic
 
 
 def plan_edit_memory(system: Any, resolution: int = 512) -> list[EditMemory]:
-    """Peak edit memory for fp16 and bf16, with and without the 4-bit MLLM and the low-memory mode."""
+    """Peak edit memory for fp16 and bf16, 16-bit or 4-bit MLLM, in each memory mode (no sequential 4-bit)."""
     activations = counted_activations(system, resolution, torch.float16)
     activations["mllm"] = mllm_activation_bytes(system)
+    largest, streamed = streamed_block_bytes(system)
     rows = []
     for dtype in ("float16", "bfloat16"):
         for four_bit in (False, True):
             weights = weight_bytes(system, four_bit)
-            for low_memory in (False, True):
-                rows.append(EditMemory(dtype, four_bit, low_memory, weights, dict(activations)))
+            for mode in MODES:
+                if four_bit and mode == "sequential":
+                    continue
+                rows.append(EditMemory(dtype, four_bit, mode, weights, dict(activations), largest, streamed))
     return rows
 
 
 def format_edit_plan(rows: list[EditMemory], resolution: int) -> str:
     """A table of the edit-memory plan."""
     lines = [
-        f"edit memory at {resolution}x{resolution}, batch 1, GiB on the accelerator",
-        f"{'dtype':<9} {'4-bit MLLM':<10} {'low-memory':<10} {'MLLM':>6} {'bridge':>6} {'UNet':>6} {'VAE':>6} "
-        f"{'act max':>7} {'peak':>6}  fits 8 GB",
+        f"edit memory at {resolution}x{resolution}, batch 1, GiB on the accelerator "
+        f"(MLLM: its weights there at once; moved: GB copied per edit, ≈s at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s)",
+        f"{'dtype':<9} {'4-bit MLLM':<10} {'memory':<10} {'MLLM':>6} {'bridge':>6} {'UNet':>6} {'VAE':>6} "
+        f"{'act max':>7} {'peak':>6} {'fits 8 GB':>9} {'moved':>6} {'≈s':>5}",
     ]
     for row in rows:
         d = row.as_dict()
         w, a = d["weights_gib"], d["activations_gib"]
         lines.append(
-            f"{row.dtype:<9} {'yes' if row.four_bit else 'no':<10} {'yes' if row.low_memory else 'no':<10} "
-            f"{w['mllm']:>6.2f} {w['bridge']:>6.2f} {w['unet']:>6.2f} {w['vae']:>6.2f} {max(a.values()):>7.2f} "
-            f"{d['peak_gib']:>6.2f}  {'yes' if d['fits_8_gb'] else 'no'}"
+            f"{row.dtype:<9} {'yes' if row.four_bit else 'no':<10} {row.memory_mode:<10} "
+            f"{d['mllm_on_accelerator_gib']:>6.2f} {w['bridge']:>6.2f} {w['unet']:>6.2f} {w['vae']:>6.2f} "
+            f"{max(a.values()):>7.2f} {d['peak_gib']:>6.2f} {'yes' if d['fits_8_gb'] else 'no':>9} "
+            f"{d['moved_gb_per_edit']:>6.1f} {d['transfer_s_estimate']:>5.2f}"
         )
-    a = rows[0].as_dict()["activations_gib"]
+    first = rows[0]
+    a = first.as_dict()["activations_gib"]
     lines.append("activations (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in a.items()))
+    lines.append(
+        f"sequential: MLLM {first.weights['mllm'] / GIB:.2f} GiB in CPU memory, largest streamed block "
+        f"{first.largest_block / GIB:.3f} GiB ({first.largest_block:,} bytes), "
+        f"{first.streamed / 1e9:.1f} GB streamed per edit"
+    )
     lines.append("method: " + " ".join(line.strip() for line in (__doc__ or "").split("Method")[1].splitlines()[1:]))
     return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The sequential memory mode: the MLLM streamed block by block through accelerate's hooks.
+
+On the CPU the hooks run their real code path (weights kept in one CPU state dict, the module's parameters
+``meta`` between forwards, each block's weights set from that dict just before it runs and dropped after),
+with ``cpu`` as the execution device, so no bytes cross a bus: what a GPU run must still confirm is the
+peak (``torch.cuda.max_memory_allocated``) and the seconds the copies add.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from insightedit.cli import main
+from insightedit.errors import UserError
+from insightedit.pipeline import InsightEditPipeline
+from insightedit.pipeline.offload import SequentialOffload, hooked_block_names, offload_blocks
+from insightedit.systems.insightedit import InsightEditSystem
+
+INSTRUCTION = "remove the red circle"
+
+
+@pytest.fixture(scope="module")
+def pipe() -> InsightEditPipeline:
+    torch.manual_seed(0)
+    system = InsightEditSystem(preset="tiny", stage=3).eval()
+    with torch.no_grad():  # off zero, as training leaves them: the BIM and image branch then matter
+        g = torch.Generator().manual_seed(1)
+        for parameter in list(system.bridging.model.bim.parameters()) + list(
+            system.generation.unet.image_branch_parameters()
+        ):
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=g))
+    return InsightEditPipeline.from_system(system, resolution=32)
+
+
+def edit(pipe: InsightEditPipeline, image: torch.Tensor) -> torch.Tensor:
+    return pipe(image, INSTRUCTION, seed=3, num_inference_steps=2, text_guidance=3.0, output_type="pt").images[0]
+
+
+def no_hooks_left(module: nn.Module) -> bool:
+    return all(
+        not hasattr(m, "_hf_hook") and not hasattr(m, "_old_forward") and "forward" not in vars(m)
+        for m in module.modules()
+    )
+
+
+def test_sequential_edit_equals_the_full_edit_bit_for_bit_and_the_hooks_come_off(pipe):
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = {name: tensor.clone() for name, tensor in pipe.comprehension.state_dict().items()}
+    full = edit(pipe, image)
+    understood = pipe.understand([image], [INSTRUCTION])
+
+    pipe.set_memory_mode("sequential")
+    assert pipe.memory_mode == "sequential" and pipe.low_memory
+    mllm = pipe.comprehension
+    assert {p.device.type for p in mllm.parameters()} == {"meta"}  # the real weights are the hooks'
+    blocks = offload_blocks(mllm)
+    assert hooked_block_names(mllm) == [block.name for block in blocks]  # the planner lists what is installed
+    whole = {block.name.rsplit(".", 2)[-2] for block in blocks if block.whole}
+    assert whole == {"layers", "vision_tower"}  # decoder and encoder layers (LoRA inside) and CLIP's embeddings
+    decoder = [b for b in blocks if b.whole and ".language_model.layers." in b.name]
+    assert len(decoder) == mllm.base_model.config.text_config.num_hidden_layers
+    assert any("lora_A" in name for name, _ in decoder[0].module.named_parameters())
+
+    streamed = edit(pipe, image)
+    again = pipe.understand([image], [INSTRUCTION])
+    assert torch.equal(streamed, full)
+    assert torch.equal(again.h, understood.h) and torch.equal(again.vision_features, understood.vision_features)
+    assert {p.device.type for p in mllm.parameters()} == {"meta"}  # dropped again after the forward
+
+    pipe.set_memory_mode("full")
+    assert pipe.offload is None and no_hooks_left(mllm)
+    after = mllm.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) and after[name].device.type == "cpu" for name in before)
+    assert torch.equal(edit(pipe, image), full)
+
+
+def test_the_offload_keeps_tied_weights_tied():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids))
+
+    model = Tied()
+    ids = torch.tensor([[1, 2, 3]])
+    expected = model(ids)
+    offload = SequentialOffload(model, torch.device("cpu"))
+    assert model.embed.weight.device.type == "meta" and not offload.pinned
+    assert torch.equal(model(ids), expected)
+    offload.remove()
+    assert model.head.weight is model.embed.weight and model.head.weight.device.type == "cpu"
+    assert no_hooks_left(model) and torch.equal(model(ids), expected)
+    offload.remove()  # twice is harmless
+
+
+def test_sequential_from_a_folder_saves_and_refuses_the_4bit_mllm(tmp_path, pipe):
+    folder = pipe.save_pretrained(tmp_path / "model")
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    resident = InsightEditPipeline.from_pretrained(folder, device="cpu", dtype="float32")
+    loaded = InsightEditPipeline.from_pretrained(folder, device="cpu", dtype="float32", memory_mode="sequential")
+    assert resident.memory_mode == "full" and resident.offload is None
+    assert loaded.memory_mode == "sequential" and loaded.offload is not None
+    assert torch.equal(edit(loaded, image), edit(resident, image))
+    loaded.save_pretrained(tmp_path / "again")  # writes the real weights, then streams again
+    assert loaded.offload is not None and {p.device.type for p in loaded.comprehension.parameters()} == {"meta"}
+    assert (tmp_path / "again" / "comprehension" / "adapter" / "mm_embeddings.safetensors").is_file()
+    with pytest.raises(UserError, match="16-bit"):
+        InsightEditPipeline.from_pretrained(folder, device="cpu", quantization="4bit", memory_mode="sequential")
+    with pytest.raises(UserError, match="unknown memory mode"):
+        InsightEditPipeline.from_pretrained(folder, device="cpu", memory_mode="tiny")
+
+
+def test_edit_command_memory_flags(tmp_path, capsys):
+    from insightedit.commands.edit import MEMORY_MODE_NAMES, build_parser
+    from insightedit.pipeline.pipeline import MEMORY_MODES
+
+    assert MEMORY_MODE_NAMES == MEMORY_MODES
+    required = ["--model", "m", "--image", "i.png", "--instruction", "x", "--out", "o.png"]
+    parser = build_parser()
+    assert parser.parse_args(required).memory == "full"
+    assert parser.parse_args([*required, "--low-memory"]).memory == "low"
+    assert parser.parse_args([*required, "--memory", "sequential"]).memory == "sequential"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--memory", "sequential", "--low-memory"])
+    capsys.readouterr()
+    args = ["edit", "--model", str(tmp_path), "--image", str(tmp_path / "a.png"), "--instruction", "x",
+            "--out", str(tmp_path / "o.png"), "--memory", "sequential", "--4bit"]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --memory sequential streams the 16-bit MLLM")
