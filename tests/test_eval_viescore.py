@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from _chat_server import ChatServer, prompt_text
 from test_eval_support import photo
 
 from insightedit.evaluation.viescore.cache import ReplyCache
@@ -21,66 +19,15 @@ from insightedit.evaluation.viescore.scorer import VIEScoreItem, VIEScorer, VIES
 Responder = Callable[[str, int], tuple[int, str]]  # (kind "sc"/"pq", request number) -> (status, reply text)
 
 
-class ChatServer:
-    """A bounded chat-completions server on 127.0.0.1 with an ephemeral port; records every request."""
-
-    def __init__(self, responder: Responder, delay_s: float = 0.0) -> None:
-        self.responder = responder
-        self.delay_s = delay_s
-        self.requests: list[dict] = []
-        self.headers: list[dict[str, str]] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append(body)
-                    outer.headers.append(dict(self.headers))
-                    number = len(outer.requests)
-                    outer.in_flight += 1
-                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-                try:
-                    time.sleep(outer.delay_s)
-                    text = body["messages"][0]["content"][-1]["text"]
-                    kind = "sc" if "INSTRUCTION:" in text else "pq"
-                    status, reply = outer.responder(kind, number)
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload.encode())
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and closed the connection
-                finally:
-                    with outer.lock:
-                        outer.in_flight -= 1
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
 def serve() -> Iterator[Callable[..., ChatServer]]:
     servers: list[ChatServer] = []
 
     def start(responder: Responder, delay_s: float = 0.0) -> ChatServer:
-        servers.append(ChatServer(responder, delay_s))
+        def by_kind(body: dict, number: int) -> tuple[int, str]:
+            return responder("sc" if "INSTRUCTION:" in prompt_text(body) else "pq", number)
+
+        servers.append(ChatServer(by_kind, delay_s))
         return servers[-1]
 
     yield start

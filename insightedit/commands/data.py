@@ -1,4 +1,4 @@
-"""``insightedit data``: make (``synth``), validate (``check``) and shard (``optimize``) AdvancedEdit data."""
+"""``insightedit data``: make (``synth``, ``build``), validate (``check``), shard (``optimize``) AdvancedEdit data."""
 
 from __future__ import annotations
 
@@ -30,6 +30,17 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
+    synth.add_argument(
+        "--photos", action="store_true",
+        help="only source photos with scene sidecars ({id}.scene.json): input of 'data build' with oracle backends",
+    )  # fmt: skip
+
+    build = commands.add_parser("build", help="build AdvancedEdit-style data from photos (5 steps, resumable)")
+    build.add_argument("--config", required=True, type=Path, help="build config yaml (lightning_configs/data_build/)")
+    build.add_argument("--images", required=True, type=Path, help="folder of source images (id = file name stem)")
+    build.add_argument("--out", required=True, type=Path, help="output folder (created; a rerun resumes it)")
+    build.add_argument("--steps", default="1-5", help="steps to run, e.g. 1-5, 1-3 or 4,5 (default 1-5)")
+    build.add_argument("--retry-failed", action="store_true", help="retry (image, step) pairs that failed before")
 
     check = commands.add_parser("check", help="validate a dataset and print a summary")
     check.add_argument("root", type=Path, help="AdvancedEdit folder, pipeline root or manifest.jsonl")
@@ -55,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
 def _synth(args: argparse.Namespace) -> int:
     from insightedit.data.synthetic import SynthConfig, synthesize
 
+    if args.photos:
+        from insightedit.data.build.oracle import render_photos
+
+        if args.out.exists() and any(args.out.iterdir()):
+            raise UserError(f"{args.out} is not empty")
+        if args.num_images < 1 or args.size < 16:
+            raise UserError("synthetic photos need --num-images >= 1 and --size >= 16")
+        photos = render_photos(args.out, args.num_images, args.size, args.seed, args.max_objects)
+        print(f"wrote {len(photos)} photos with scene sidecars to {args.out}")
+        return 0
     try:
         summary = synthesize(args.out, SynthConfig(args.num_images, args.size, args.seed, args.max_objects))
     except (FileExistsError, ValueError) as error:
@@ -62,6 +83,22 @@ def _synth(args: argparse.Namespace) -> int:
     records, seconds = summary["records"], summary["seconds"]
     print(f"wrote {records} records of {args.num_images} images to {args.out} in {seconds} s")
     return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from insightedit.data.build.config import load_config, parse_steps
+    from insightedit.data.build.runner import build_dataset
+    from insightedit.data.build.summary import format_summary
+
+    config = load_config(args.config)
+    steps = parse_steps(args.steps)
+    if not args.images.is_dir():
+        raise UserError(f"images folder {args.images} does not exist")
+    summary = build_dataset(config, args.images, args.out, steps, retry_failed=args.retry_failed)
+    if summary is None:  # not global rank 0: rank 0 reports
+        return 0
+    print(format_summary(summary, str(args.out)))
+    return 1 if summary["failures"] else 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -100,10 +137,11 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Run ``insightedit data synth|check|optimize ...``; exit code 0 ok, 1 bad data, 2 usage error."""
+    """Run ``insightedit data synth|build|check|optimize ...``; exit code 0 ok, 1 bad data, 2 usage error."""
     try:
         args = _parser().parse_args(argv)
-        return {"synth": _synth, "check": _check, "optimize": _optimize}[args.command](args)
+        commands = {"synth": _synth, "build": _build, "check": _check, "optimize": _optimize}
+        return commands[args.command](args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
