@@ -91,3 +91,56 @@ class RecordRanks(Callback):
         torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "sources": self.sources,
                     "instructions": self.instructions, "before": self.before, "after": self._weights(pl_module)},
                    self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class RecordShards(Callback):
+    """Test probe for sharded (FSDP2) runs: per rank, how each parameter is sharded, and gathered weights.
+
+    Saves ``<out_dir>/rank<r>.pt`` with ``layout`` (name -> (is DTensor, placements, local numel, numel,
+    requires_grad)) at the start of training, the full (gathered) weights ``before`` (after any resume)
+    and ``after``, the gathered trainable weights after each optimizer step (``steps``), the batches
+    and the losses.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.layout: dict[str, tuple] = {}
+        self.before: dict[str, torch.Tensor] = {}
+        self.steps: dict[int, dict[str, torch.Tensor]] = {}
+        self.sources: list[torch.Tensor] = []
+        self.losses: dict[int, float] = {}
+
+    @staticmethod
+    def _gathered(pl_module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for name, p in pl_module.named_parameters():  # same order on every rank: full_tensor() is collective
+            if trainable_only and not p.requires_grad:
+                continue
+            out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        return out
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.tensor import DTensor
+
+        for name, p in pl_module.named_parameters():
+            sharded = isinstance(p, DTensor)
+            placements = tuple((type(x).__name__, getattr(x, "dim", None)) for x in p.placements) if sharded else ()
+            self.layout[name] = (sharded, placements,
+                                 p.to_local().numel() if sharded else p.numel(), p.numel(), p.requires_grad)
+        self.before = self._gathered(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.sources.append(batch["source"].detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        self.steps[trainer.global_step] = self._gathered(pl_module, trainable_only=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        after = self._gathered(pl_module)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "layout": self.layout,
+                    "before": self.before, "after": after, "steps": self.steps, "sources": self.sources,
+                    "losses": self.losses}, self.out_dir / f"rank{trainer.global_rank}.pt")

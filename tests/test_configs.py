@@ -7,16 +7,17 @@ import torch
 import yaml
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn
 from jsonargparse import ArgumentParser
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from omegaconf import OmegaConf
 
 from insightedit.cli import main
 from insightedit.lightning_cli import InsightEditCLI
 from insightedit.systems.insightedit import InsightEditSystem
 from insightedit.training.composition import compose_config_args, merge_config_files
+from insightedit.training.sharding import FSDP2Strategy, ShardingSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
-ALL = sorted(CONFIGS.rglob("*.yaml"))
+ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if "data_build" not in p.parts)  # those: test_data_build.py
 # complete configs name a model; overlays (strategy, devices, quantization) are composed after a stage
 COMPLETE = [p for p in ALL if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {})]
 OVERLAYS = [p for p in ALL if p not in COMPLETE]
@@ -44,7 +45,8 @@ def test_every_config_is_tested():
     names = {p.relative_to(CONFIGS).as_posix() for p in ALL}
     assert {"stage1.yaml", "stage2.yaml", "stage3.yaml", "tiny/stage1.yaml", "tiny/stage2.yaml",
             "tiny/stage3.yaml", "base.yaml"} <= {p.relative_to(CONFIGS).as_posix() for p in COMPLETE}
-    assert {"fsdp_8gpu.yaml", "ddp.yaml", "qlora_1gpu.yaml"} <= {p.relative_to(CONFIGS).as_posix() for p in OVERLAYS}
+    overlays = {p.relative_to(CONFIGS).as_posix() for p in OVERLAYS}
+    assert {"fsdp_8gpu.yaml", "fsdp2_8gpu.yaml", "ddp.yaml", "qlora_1gpu.yaml"} <= overlays
     assert len(COMPLETE) + len(OVERLAYS) == len(names)
 
 
@@ -131,19 +133,41 @@ def _strategy(config: dict):
     return parser.instantiate(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
 
 
-@pytest.mark.parametrize("files", [["stage3.yaml"], ["stage3.yaml", "fsdp_8gpu.yaml"],
-                                   ["base.yaml", "stage2.yaml", "fsdp_8gpu.yaml"]], ids="+".join)
-def test_fsdp_strategy_instantiates_with_wrapping_checkpointing_and_orig_params(files):
+@pytest.mark.parametrize("files", [["stage3.yaml", "fsdp_8gpu.yaml"], ["base.yaml", "stage2.yaml", "fsdp_8gpu.yaml"]],
+                         ids="+".join)
+def test_fsdp1_overlay_instantiates_with_wrapping_checkpointing_and_orig_params(files):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     strategy = _strategy(merge_config_files([str(CONFIGS / f) for f in files]))
-    assert isinstance(strategy, FSDPStrategy)
+    assert isinstance(strategy, FSDPStrategy)  # replaces the stage's FSDP2 strategy whole
     assert strategy.kwargs["use_orig_params"] is True
     assert str(strategy.sharding_strategy) == "ShardingStrategy.FULL_SHARD"
-    if "fsdp_8gpu.yaml" in files:
-        checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
-        assert LlamaDecoderLayer in checkpointed and UNetMidBlock2DCrossAttn in checkpointed
-        assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+    assert LlamaDecoderLayer in checkpointed and UNetMidBlock2DCrossAttn in checkpointed
+    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+
+
+@pytest.mark.parametrize("files", [["stage1.yaml"], ["stage3.yaml"], ["base.yaml"], ["stage3.yaml", "fsdp2_8gpu.yaml"],
+                                   ["base.yaml", "stage2.yaml", "fsdp2_8gpu.yaml"]], ids="+".join)
+def test_stage_configs_and_fsdp2_overlay_build_the_fsdp2_strategy(files, tmp_path):
+    merged = merge_config_files([str(CONFIGS / f) for f in files])
+    strategy = _strategy(merged)
+    assert isinstance(strategy, FSDP2Strategy) and isinstance(strategy, ModelParallelStrategy)
+    assert strategy._tensor_parallel_size == 1 and strategy.save_distributed_checkpoint is False
+    strategy.parallel_devices, strategy.num_nodes = [torch.device("cpu")] * 8, 2
+    assert strategy.resolved_data_parallel_size() == 16  # auto: every process of every node
+    precision = merged["trainer"]["precision"]
+    assert precision == "bf16-mixed"
+    cli = _instantiate(as_tiny(merged, tmp_path), tmp_path)
+    settings, hparams = cli.model.sharding, cli.model.hparams
+    if "fsdp2_8gpu.yaml" in files:  # per-block activation checkpointing instead of the models' own
+        assert settings == ShardingSettings(activation_checkpointing=True)
+        assert not hparams["comprehension"]["gradient_checkpointing"]
+        assert not hparams["generation"]["gradient_checkpointing"]
+    else:
+        assert settings == ShardingSettings() and hparams["comprehension"]["gradient_checkpointing"]
+    policy = settings.mixed_precision(precision)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
 
 
 def test_ddp_overlay_builds_a_ddp_strategy():

@@ -40,7 +40,7 @@ def test_stage3_plan_reports_the_full_size_counts_without_weights(capsys):
     assert plan["total"]["params"] == sum(m["params"] for m in modules.values())
     assert plan["weights_named"]["comprehension.pretrained"] == "llava-hf/llava-1.5-7b-hf"
     memory = plan["memory"]
-    assert memory["settings"]["strategy"] == "fsdp" and memory["settings"]["world_size"] == 8
+    assert memory["settings"]["strategy"] == "fsdp2" and memory["settings"]["world_size"] == 8
     parts = memory["bytes_per_device"]
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
 

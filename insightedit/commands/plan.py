@@ -90,7 +90,8 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
 
 def _strategy_name(strategy: Any) -> str:
     if isinstance(strategy, dict):
-        return str(strategy.get("class_path", "auto")).rsplit(".", 1)[-1].lower().replace("strategy", "")
+        name = str(strategy.get("class_path", "auto")).rsplit(".", 1)[-1].lower().replace("strategy", "")
+        return "fsdp2" if name == "modelparallel" else name  # FSDP2: fully_shard per block, as FSDP full shard
     return str(strategy or "auto").lower()
 
 
@@ -158,17 +159,23 @@ def make_plan(config_paths: list[str], devices: int | None = None) -> dict[str, 
     data = (config.get("data") or {}).get("init_args") or {}
     init_args = (config.get("model") or {}).get("init_args") or {}
     configured_devices = trainer.get("devices", 1)
+    strategy = _strategy_name(trainer.get("strategy", "auto"))
+    # FSDP2's per-block activation checkpointing (the model's `sharding:` section) covers the LLM and the UNet
+    sharding = init_args.get("sharding") or {}
+    sharded_checkpointing = strategy == "fsdp2" and bool(sharding.get("activation_checkpointing"))
     settings = PlanSettings(
         precision=str(trainer.get("precision", "32-true")),
-        strategy=_strategy_name(trainer.get("strategy", "auto")),
+        strategy=strategy,
         devices=_device_count(devices, configured_devices),
         num_nodes=int(trainer.get("num_nodes", 1)),
         batch_size=int(data.get("batch_size", 1)),
         resolution=int(data.get("resolution", 256)),
         quantization=quantization,
         llm_dtype=(init_args.get("comprehension") or {}).get("dtype"),
-        llm_checkpointing=bool((init_args.get("comprehension") or {}).get("gradient_checkpointing", False)),
-        unet_checkpointing=bool((init_args.get("generation") or {}).get("gradient_checkpointing", False)),
+        llm_checkpointing=sharded_checkpointing
+        or bool((init_args.get("comprehension") or {}).get("gradient_checkpointing", False)),
+        unet_checkpointing=sharded_checkpointing
+        or bool((init_args.get("generation") or {}).get("gradient_checkpointing", False)),
     )
     if settings.devices > 1 and settings.strategy == "auto":
         settings.strategy = "ddp"

@@ -53,6 +53,12 @@ class SampleConfig:
     reasoning_probability: float = 0.5
 
 
+def plain_instruction(record: EditRecord) -> str:
+    """The record's first simple (templated) instruction; its first reasoning one when it has none."""
+    pool = record.instructions or record.reasoning_instructions
+    return pool[0] if pool else ""
+
+
 def choose_instruction(record: EditRecord, reasoning_probability: float, rng: random.Random) -> str:
     """A reasoning phrasing with probability ``reasoning_probability`` (if any), else a templated one."""
     use_reasoning = record.reasoning_instructions and (not record.instructions or rng.random() < reasoning_probability)
@@ -132,6 +138,8 @@ class SampleBuilder:
             "target": to_signed_tensor(resize_crop(target, box, size, Image.Resampling.BICUBIC)),
             "mask": mask_to_tensor(resized_mask),
             "instruction": choose_instruction(record, self.config.reasoning_probability, rng),
+            # the explicit (templated) phrasing, whatever was chosen above: stage-1 alignment's target text
+            "plain_instruction": plain_instruction(record),
             "target_caption": record.target_caption,
             "task_type": record.task_type,
             "record_id": record.id,

@@ -21,6 +21,9 @@ from insightedit.systems.bridging import BridgingModule
 from insightedit.systems.comprehension import ComprehensionModule
 from insightedit.systems.generation import GenerationModule
 from insightedit.systems.stages import GROUPS, LOSSES, OPTIMIZER_GROUPS, StageSettings, resolve_stage
+from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
+
+ALIGN_TARGETS = ("plain_instruction", "instruction", "target_caption")
 
 
 class InsightEditSystem(L.LightningModule):
@@ -38,6 +41,14 @@ class InsightEditSystem(L.LightningModule):
         weight_decay: AdamW weight decay for every group.
         warmup_steps: linear warmup, then cosine decay to 10% over the run.
         evaluation: settings of ``insightedit test`` (:class:`insightedit.evaluation.model_test.TestSettings`).
+        align_target: the text whose frozen text-encoder encoding ``q`` is aligned to (``L_align``):
+            ``plain_instruction`` (the record's explicit, templated phrasing, whichever phrasing the MLLM
+            read: the encoding an InstructPix2Pix UNet already understands, so reasoning instructions are
+            mapped onto explicit ones), ``instruction`` (the phrasing read, SmartEdit-style) or
+            ``target_caption`` (the caption of the target image).
+        sharding: FSDP2 settings used under ``ModelParallelStrategy`` / ``FSDP2Strategy``
+            (:class:`insightedit.training.sharding.ShardingSettings`: ``activation_checkpointing``,
+            ``reshard_after_forward``, ``param_dtype``, ``reduce_dtype``); ignored by other strategies.
     """
 
     def __init__(
@@ -52,10 +63,15 @@ class InsightEditSystem(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         evaluation: dict[str, Any] | None = None,
+        sharding: dict[str, Any] | None = None,
+        align_target: str = "plain_instruction",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if align_target not in ALIGN_TARGETS:
+            raise ValueError(f"align_target must be one of {ALIGN_TARGETS}, got {align_target!r}")
         self.stage: StageSettings = resolve_stage(stage, stage_settings)
+        self.sharding = ShardingSettings.from_config(sharding)
         self.comprehension = ComprehensionModule(preset=preset, **(comprehension or {}))
         self.generation = GenerationModule(preset=preset, **(generation or {}))
         mllm, unet = self.comprehension.model, self.generation.unet
@@ -98,6 +114,25 @@ class InsightEditSystem(L.LightningModule):
         """Names of the parameters this stage trains."""
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
+    # ------------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard blocks, units and the root over the data-parallel mesh.
+
+        Other strategies leave the model alone. Called by Lightning before the optimizer is built, possibly
+        more than once (fit, then test); sharding an already sharded system does nothing.
+        See :func:`insightedit.training.sharding.shard_system`.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        mesh = self.device_mesh
+        if mesh is None:
+            raise RuntimeError("ModelParallelStrategy set up no device mesh before configure_model")
+        if mesh["tensor_parallel"].size() != 1:
+            raise UserError("the InsightEdit system has no tensor-parallel plan: set tensor_parallel_size: 1")
+        shard_system(self, mesh["data_parallel"], self.sharding, str(self.trainer.precision))
+
     # --------------------------------------------------------------------------------------- losses
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Every loss the stage weighs (``llm``, ``iaa``, ``align``, ``diff``) and their weighted sum ``loss``."""
@@ -117,8 +152,10 @@ class InsightEditSystem(L.LightningModule):
         if stage.weight("iaa") > 0:
             losses["iaa"] = self.bridging.model.iaa_loss(bridge.image_embeds, batch["clip_target"])
         if stage.weight("align") > 0:
-            caption_embeds = self.generation.encode_text(list(batch["target_caption"]))  # (B, 77, D_txt)
-            losses["align"] = self.bridging.model.alignment_loss(bridge.q, caption_embeds)
+            key = self.hparams["align_target"]
+            texts = batch.get(key, batch["instruction"])  # batches without the key: the instruction read
+            text_embeds = self.generation.encode_text(list(texts))  # (B, 77, D_txt)
+            losses["align"] = self.bridging.model.alignment_loss(bridge.q, text_embeds)
         if stage.use_unet and stage.weight("diff") > 0:
             losses["diff"] = self.generation.diffusion_loss(
                 source, batch["target"], bridge.f_txt, image_embeds=bridge.image_embeds, v_txt=bridge.v_txt
@@ -186,18 +223,33 @@ class InsightEditSystem(L.LightningModule):
         checkpoint["insightedit"] = {"stage": self.stage.as_dict(), "saved": sorted(keep)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming: every weight this stage trains must be in the checkpoint."""
-        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+        """Resuming: every weight this stage trains must be in the checkpoint.
+
+        Under ``ModelParallelStrategy`` the strategy has already loaded (and removed) ``state_dict``;
+        the names it held are then read from ``checkpoint["insightedit"]["saved"]``.
+        """
+        if "state_dict" in checkpoint:
+            stored = set(checkpoint["state_dict"])
+        else:
+            stored = set(checkpoint.get("insightedit", {}).get("saved", self.trainable_names()))
+        missing = sorted(self.trainable_names() - stored)
         if missing:
             raise UserError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}")
 
     def load_trained_weights(self, path: str | Path) -> list[str]:
-        """Start from a previous stage's checkpoint: load its weights, check every key; return the keys."""
+        """Start from a previous stage's checkpoint: load its weights, check every key; return the keys.
+
+        ``path`` is a checkpoint file, or the folder an ``FSDP2Strategy`` with
+        ``save_distributed_checkpoint: true`` writes (read whole, in this process).
+        """
         path = Path(path)
-        if not path.is_file():
+        if not path.is_file() and not (path / ".metadata").is_file():
             raise UserError(f"init_from: checkpoint {path} not found")
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            if path.is_dir():
+                checkpoint = load_distributed_checkpoint(path)
+            else:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
             state = checkpoint["state_dict"]
         except Exception as error:  # noqa: BLE001 - a corrupt file is a user error, said in one line
             raise UserError(f"init_from: {path} is not a readable Lightning checkpoint ({error})") from error
@@ -263,8 +315,9 @@ class InsightEditSystem(L.LightningModule):
                 if isinstance(value, float) and key[-2:] != "_n":
                     name = "model" if system == "this checkpoint" else "identity"
                     self.log(f"test/{name}/{key}", value, rank_zero_only=True, sync_dist=False)
+        out_dir = self._test_output_dir()  # on every rank: trainer.log_dir is a broadcast
         if self.trainer.is_global_zero:
-            json_path, csv_path = run.write(report, self._test_output_dir())
+            json_path, csv_path = run.write(report, out_dir)
             print(run.table(report))
             print(f"report: {json_path} and {csv_path}")
 
