@@ -179,6 +179,7 @@ def train(
     label: str,
     max_minutes: float | None = None,
     module: type[L.LightningModule] = InsightEditSystem,
+    save_to: Path | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Build (seeded) and train one system; return it, an untrained copy and the run's statistics."""
     L.seed_everything(seed, verbose=False)
@@ -196,6 +197,8 @@ def train(
     trainer.fit(system, datamodule=data)
     seconds = time.perf_counter() - started
     done = trainer.global_step
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
     stats = {"steps": done, "seconds": seconds, "steps_per_second": done / seconds, "loss_curve": timer.losses}
     return system, untrained, stats
 
@@ -250,6 +253,57 @@ def markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def save_as_instruct_pix2pix(generation: GenerationModule, folder: Path) -> Path:
+    """Write a trained text-conditioned module in InstructPix2Pix's hub layout (unet/, scheduler/, text_encoder/,
+    tokenizer/): the tiny twin of ``timbrooks/instruct-pix2pix``, loadable as ``generation.pretrained``."""
+    generation.unet.unet.save_pretrained(folder / "unet")
+    generation.noise_scheduler.save_pretrained(folder / "scheduler")
+    assert generation.text_encoder is not None and generation.text_encoder.tokenizer is not None
+    generation.text_encoder.model.save_pretrained(folder / "text_encoder")
+    generation.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def paper_recipe(
+    model_args: dict[str, Any],
+    data_args: dict[str, Any],
+    data: AdvancedEditDataModule,
+    args: argparse.Namespace,
+    work: Path,
+) -> tuple[GenerationModule, InsightEditSystem, InsightEditSystem, dict[str, Any]]:
+    """The paper's order on the twin: a tiny InstructPix2Pix UNet, then stage 1 (align), [2,] 3, each from the last.
+
+    The full system starts from ``timbrooks/instruct-pix2pix``, a UNet that already reads text encodings; the
+    twin's counterpart is trained here first (``--pretrain-steps``, templated instructions only). Stage 1 then
+    aligns the MLLM + Q-Former to that text space, and stage 3 trains everything together. Returns the
+    InstructPix2Pix-style module, the system entering stage 3 (``untrained`` row) and the trained one.
+    """
+    stats: dict[str, Any] = {}
+    plain = AdvancedEditDataModule(**{**data_args, "reasoning_probability": 0.0})
+    plain.prepare_data()
+    plain.setup("fit")
+    ip2p, _, stats["pretrain"] = train(
+        ip2p_args(model_args), plain, args.pretrain_steps, args.seed, "tiny InstructPix2Pix", module=GenerationModule
+    )
+    base = save_as_instruct_pix2pix(ip2p, work / "instruct-pix2pix-tiny")
+    generation = {**(model_args.get("generation") or {}), "pretrained": str(base)}
+    previous: str | None = None
+    stages = [(1, args.stage1_steps), (2, args.stage2_steps), (3, args.steps)]
+    entering: InsightEditSystem | None = None
+    system: InsightEditSystem | None = None
+    for stage, steps in stages:
+        if steps <= 0:
+            continue
+        stage_args = {**copy.deepcopy(model_args), "stage": stage, "generation": generation, "init_from": previous}
+        checkpoint = work / f"stage{stage}.ckpt"
+        system, before, stats[f"stage{stage}"] = train(
+            stage_args, data, steps, args.seed, f"stage {stage}", args.max_minutes, save_to=checkpoint
+        )
+        entering, previous = before, str(checkpoint)
+    assert system is not None and entering is not None
+    return ip2p, entering, system, stats
+
+
 KINDS = {"templated": 0.0, "reasoning": 1.0}  # held-out instruction phrasing -> reasoning probability
 LABELS = {"iaa": "stage 3", "no_iaa": "stage 3 w/o IAA", "ip2p": "InstructPix2Pix-style, same UNet"}
 
@@ -275,6 +329,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop each training run after this long")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--recipe",
+        choices=["stage3", "paper"],
+        default="stage3",
+        help="stage3: each variant trains stage 3 from scratch; paper: tiny InstructPix2Pix UNet, "
+        "then stages 1, 2, 3 in order (see paper_recipe)",
+    )
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="paper recipe: InstructPix2Pix-style steps")
+    parser.add_argument("--stage1-steps", type=int, default=400, help="paper recipe: stage-1 (align) steps")
+    parser.add_argument("--stage2-steps", type=int, default=0, help="paper recipe: stage-2 steps (0: skipped)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -315,6 +379,18 @@ def main() -> None:
 
     score("identity (output = source)", None)
     trained_outputs: list[torch.Tensor] | None = None
+    if args.recipe == "paper":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            ip2p, entering, system, stats = paper_recipe(model_args, data_args, data, args, Path(work))
+        results["recipe"] = {"pretrain_steps": args.pretrain_steps, "stage1_steps": args.stage1_steps,
+                             "stage2_steps": args.stage2_steps, "stage3_steps": args.steps}  # fmt: skip
+        results["runs"] = stats
+        score(f"InstructPix2Pix-style, same UNet ({args.pretrain_steps} steps, templated)", ip2p)
+        score("InsightEdit after stage 1 (stage-3 start)", entering)
+        trained_outputs = score("InsightEdit after stage 3", system)
+        args.variants = []
     for variant in args.variants:
         label = LABELS[variant]
         if variant == "ip2p":
