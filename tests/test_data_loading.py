@@ -42,6 +42,7 @@ def test_sample_contract_values(module):
     assert sample["record_id"] == record.id and sample["source_id"] == record.source_id
     assert sample["task_type"] == record.task_type and sample["target_caption"] == record.target_caption
     assert sample["instruction"] in record.instructions + record.reasoning_instructions
+    assert sample["plain_instruction"] == record.instructions[0]  # whichever phrasing was drawn
     for key, shape in (("source", (3, 32, 32)), ("target", (3, 32, 32)), ("mask", (1, 32, 32))):
         assert sample[key].dtype == torch.float32 and sample[key].shape == shape
     source = np.array(Image.open(record.source_path))

@@ -183,3 +183,22 @@ def test_init_from_a_missing_or_corrupt_checkpoint_is_a_user_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable"):
         InsightEditSystem(preset="tiny", stage=3, init_from=str(bad))
+
+
+@pytest.mark.parametrize("target", ["plain_instruction", "instruction", "target_caption"])
+def test_alignment_loss_reads_the_chosen_text(target):
+    system = InsightEditSystem(preset="tiny", stage=1, align_target=target)
+    batch = make_batch(system)
+    batch["plain_instruction"] = ["remove the red circle", "add a blue square at the top left"]
+    torch.manual_seed(0)
+    got = system.compute_losses(batch)["align"]
+    with torch.no_grad():
+        understood = system.comprehension.model(batch["mllm_source"], batch["instruction"], compute_loss=False)
+        q = system.bridging.model.qformer(understood.h, None)
+        expected = torch.nn.functional.mse_loss(q, system.generation.encode_text(batch[target]))
+    torch.testing.assert_close(got, expected)
+
+
+def test_unknown_alignment_target_is_refused():
+    with pytest.raises(ValueError, match="align_target"):
+        InsightEditSystem(preset="tiny", stage=1, align_target="caption")
