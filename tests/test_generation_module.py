@@ -154,3 +154,30 @@ def test_module_save_and_load_round_trip_gives_the_same_edit(tmp_path):
     b = loaded.edit(source, generator=torch.Generator().manual_seed(0), **kwargs)
     assert torch.equal(a, b)
     assert torch.equal(module.null_f_txt, loaded.null_f_txt)
+
+
+def test_starts_from_a_text_only_lightning_checkpoint_with_the_image_branch_copied_from_it(tmp_path):
+    """The tiny twin's stand-in for timbrooks/instruct-pix2pix: a GenerationModule .ckpt becomes ``pretrained``."""
+    torch.manual_seed(3)
+    text_only = GenerationModule(preset="tiny", image_embed_dim=0)
+    with torch.no_grad():  # weights no fresh build could have
+        for parameter in text_only.unet.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    path = tmp_path / "ip2p.ckpt"
+    torch.save({"state_dict": text_only.state_dict()}, path)
+    module = GenerationModule(preset="tiny", pretrained=str(path))
+    source = dict(text_only.unet.unet.named_parameters())
+    loaded = dict(module.unet.unet.named_parameters())
+    assert set(source) <= set(loaded)
+    for name, weight in source.items():
+        assert torch.equal(loaded[name], weight), name
+    processors = module.unet.image_processors()
+    assert processors  # the image branch exists and starts from the loaded text projections
+    for name, processor in processors.items():
+        attention = module.unet.unet.get_submodule(name.rsplit(".processor", 1)[0])
+        assert torch.equal(processor.to_k_ip[0].weight, attention.to_k.weight)
+    with pytest.raises(ValueError, match="does not fit this UNet config"):
+        config = {"down_block_types": ["CrossAttnDownBlock2D"] * 2, "up_block_types": ["CrossAttnUpBlock2D"] * 2}
+        GenerationModule(preset="tiny", pretrained=str(path), unet_config=config)
+    with pytest.raises(FileNotFoundError):
+        GenerationModule(preset="tiny", pretrained=str(tmp_path / "missing.ckpt"))

@@ -101,6 +101,29 @@ def _subfolder(source: str, name: str) -> dict[str, Any]:
     return {"pretrained_model_name_or_path": source, "subfolder": name}
 
 
+UNET_PREFIX = "unet.unet."  # where a GenerationModule's state dict keeps the diffusers UNet
+
+
+def load_unet_from_lightning_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
+    """Load the UNet of a text-conditioned ``GenerationModule`` Lightning checkpoint into ``unet``, every key.
+
+    This is how a tiny twin starts from its own InstructPix2Pix stand-in (``insightedit fit --config
+    lightning_configs/tiny/instruct_pix2pix.yaml``), as the full system starts from ``timbrooks/instruct-pix2pix``.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"generation.pretrained: checkpoint {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    weights = {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    if not weights:
+        raise ValueError(f"generation.pretrained: {path} holds no UNet weights ({UNET_PREFIX}*)")
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"generation.pretrained: {path} does not fit this UNet config "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+
+
 def build_generation_components(
     preset: str = "tiny",
     pretrained: str | None = None,
@@ -116,8 +139,9 @@ def build_generation_components(
 
     Args:
         preset: ``"tiny"`` or ``"full"``.
-        pretrained: a hub id or local diffusers pipeline folder to load weights from (``full``), or a
-            folder written by ``save_pretrained`` (either preset). ``None`` builds from the config.
+        pretrained: a hub id or local diffusers pipeline folder to load weights from (``full``), a
+            folder written by ``save_pretrained`` (either preset), or a Lightning checkpoint (``.ckpt``) of a
+            text-conditioned ``GenerationModule`` whose UNet fits ``unet_config``. ``None`` builds from the config.
         image_embed_dim: width of the IAA embedding projected to ``f_img``; ``None`` means 768 for
             ``full``, 32 for ``tiny``; ``0`` builds no image branch (plain InstructPix2Pix).
         unet_config: overrides of the preset's UNet config (tiny twins of other sizes).
@@ -140,7 +164,8 @@ def build_generation_components(
             edit_unet = EditUNet.from_pretrained(pretrained)
             scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
         else:
-            if pretrained is not None:
+            from_checkpoint = pretrained is not None and Path(pretrained).suffix == ".ckpt"
+            if pretrained is not None and not from_checkpoint:
                 unet = UNet2DConditionModel.from_pretrained(**_subfolder(pretrained, "unet"))
                 scheduler = DDPMScheduler.from_pretrained(**_subfolder(pretrained, "scheduler"))
             else:
@@ -148,20 +173,21 @@ def build_generation_components(
                 config.update(unet_config or {})
                 unet = UNet2DConditionModel(**config)
                 scheduler = DDPMScheduler(**STABLE_DIFFUSION_SCHEDULER)
+                if from_checkpoint:  # before the image branch copies to_k / to_v
+                    load_unet_from_lightning_checkpoint(unet, Path(str(pretrained)))
             edit_unet = EditUNet(
                 unet,
                 image_embed_dim=image_embed_dim or None,
                 num_image_tokens=num_image_tokens,
                 image_scale=image_scale,
             )
-        latent_space = _build_latent_space(preset, pretrained, latent, edit_unet.unet)
-        text_encoder = _build_text_encoder(preset, pretrained) if with_text_encoder else None
+        folder = None if pretrained is None or Path(pretrained).suffix == ".ckpt" else pretrained
+        latent_space = _build_latent_space(preset, folder, latent, edit_unet.unet)
+        text_encoder = _build_text_encoder(preset, folder) if with_text_encoder else None
     return GenerationComponents(edit_unet, latent_space, scheduler, text_encoder)
 
 
-def _build_latent_space(
-    preset: str, pretrained: str | None, latent: str, unet: UNet2DConditionModel
-) -> LatentSpace:
+def _build_latent_space(preset: str, pretrained: str | None, latent: str, unet: UNet2DConditionModel) -> LatentSpace:
     if latent == "auto":
         latent = "vae" if preset == "full" else "pixel_unshuffle"
     if latent == "pixel_unshuffle":
