@@ -123,7 +123,7 @@ def held_out_batches(
         batch: dict[str, Any] = {}
         for key in ("source", "target", "mask", "mllm_source"):
             batch[key] = torch.stack([s[key] for s in chunk])
-        for key in ("instruction", "task_type"):
+        for key in ("instruction", "task_type", "record_id"):
             batch[key] = [s[key] for s in chunk]
         batches.append(batch)
     return batches
