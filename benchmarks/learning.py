@@ -270,13 +270,14 @@ def paper_recipe(
     data: AdvancedEditDataModule,
     args: argparse.Namespace,
     work: Path,
-) -> tuple[GenerationModule, InsightEditSystem, InsightEditSystem, dict[str, Any]]:
+) -> tuple[GenerationModule, InsightEditSystem, dict[str, InsightEditSystem], dict[str, Any]]:
     """The paper's order on the twin: a tiny InstructPix2Pix UNet, then stage 1 (align), [2,] 3, each from the last.
 
     The full system starts from ``timbrooks/instruct-pix2pix``, a UNet that already reads text encodings; the
     twin's counterpart is trained here first (``--pretrain-steps``, templated instructions only). Stage 1 then
-    aligns the MLLM + Q-Former to that text space, and stage 3 trains everything together. Returns the
-    InstructPix2Pix-style module, the system entering stage 3 (``untrained`` row) and the trained one.
+    aligns the MLLM + Q-Former to that text space, and stage 3 trains everything together, once per
+    variant of ``--variants`` (``iaa``, ``no_iaa``), both from the same earlier stages. Returns the
+    InstructPix2Pix-style module, the system entering stage 3 and the trained system of each variant.
     """
     stats: dict[str, Any] = {}
     plain = AdvancedEditDataModule(**{**data_args, "reasoning_probability": 0.0})
@@ -288,20 +289,27 @@ def paper_recipe(
     base = save_as_instruct_pix2pix(ip2p, work / "instruct-pix2pix-tiny")
     generation = {**(model_args.get("generation") or {}), "pretrained": str(base)}
     previous: str | None = None
-    stages = [(1, args.stage1_steps), (2, args.stage2_steps), (3, args.steps)]
-    entering: InsightEditSystem | None = None
-    system: InsightEditSystem | None = None
-    for stage, steps in stages:
+    for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):
         if steps <= 0:
             continue
         stage_args = {**copy.deepcopy(model_args), "stage": stage, "generation": generation, "init_from": previous}
         checkpoint = work / f"stage{stage}.ckpt"
-        system, before, stats[f"stage{stage}"] = train(
+        _, _, stats[f"stage{stage}"] = train(
             stage_args, data, steps, args.seed, f"stage {stage}", args.max_minutes, save_to=checkpoint
         )
-        entering, previous = before, str(checkpoint)
-    assert system is not None and entering is not None
-    return ip2p, entering, system, stats
+        previous = str(checkpoint)
+    systems: dict[str, InsightEditSystem] = {}
+    entering: InsightEditSystem | None = None
+    for variant in [v for v in args.variants if v in ("iaa", "no_iaa")]:
+        variant_args = copy.deepcopy(model_args) if variant == "iaa" else without_iaa(model_args)
+        variant_args.update(stage=3, init_from=previous)
+        variant_args["generation"] = {**variant_args.get("generation", {}), "pretrained": str(base)}
+        systems[variant], before, stats[f"stage3_{variant}"] = train(
+            variant_args, data, args.steps, args.seed, f"stage 3 ({variant})", args.max_minutes
+        )
+        entering = entering or before
+    assert entering is not None, "the paper recipe needs the iaa and/or no_iaa variant"
+    return ip2p, entering, systems, stats
 
 
 KINDS = {"templated": 0.0, "reasoning": 1.0}  # held-out instruction phrasing -> reasoning probability
@@ -383,13 +391,15 @@ def main() -> None:
         import tempfile
 
         with tempfile.TemporaryDirectory() as work:
-            ip2p, entering, system, stats = paper_recipe(model_args, data_args, data, args, Path(work))
+            ip2p, entering, systems, stats = paper_recipe(model_args, data_args, data, args, Path(work))
         results["recipe"] = {"pretrain_steps": args.pretrain_steps, "stage1_steps": args.stage1_steps,
                              "stage2_steps": args.stage2_steps, "stage3_steps": args.steps}  # fmt: skip
         results["runs"] = stats
         score(f"InstructPix2Pix-style, same UNet ({args.pretrain_steps} steps, templated)", ip2p)
         score("InsightEdit after stage 1 (stage-3 start)", entering)
-        trained_outputs = score("InsightEdit after stage 3", system)
+        for variant, system in systems.items():
+            outputs = score(f"InsightEdit after {LABELS[variant]}", system)
+            trained_outputs = trained_outputs or outputs
         args.variants = []
     for variant in args.variants:
         label = LABELS[variant]
