@@ -50,7 +50,7 @@ def _tiny(generation: dict | None = None, **kwargs) -> InsightEditSystem:
     return InsightEditSystem(preset="tiny", stage=3, generation=generation, **kwargs)
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "sharding", "models"])
+@pytest.mark.parametrize("checkpointing", ["none", "sharding", pytest.param("models", marks=pytest.mark.slow)])
 def test_one_rank_fsdp2_matches_the_unsharded_system(one_rank_mesh, checkpointing):
     from torch.distributed.tensor import DTensor, Shard
 
@@ -204,6 +204,7 @@ def test_last_checkpoint_is_one_file_of_trained_weights_that_starts_a_non_sharde
 
 
 # a two-process `insightedit test` of the sharded checkpoint: test_step -> edit run sharded, rank 0 reports
+@pytest.mark.slow  # one more 2-process run; the suite's budget keeps it out of CI
 def test_insightedit_test_evaluates_the_checkpoint_sharded(sharded):
     root, _ = sharded
     command = [
@@ -226,6 +227,7 @@ def test_insightedit_test_evaluates_the_checkpoint_sharded(sharded):
     assert set(report["systems"]) == {"this checkpoint", "identity edit"}
 
 
+@pytest.mark.slow  # one more 2-process run; the suite's budget keeps it out of CI
 def test_resuming_from_the_full_file_continues_exactly(sharded, resumed):
     _, straight = sharded
     _, again = resumed
@@ -240,6 +242,7 @@ def test_resuming_from_the_full_file_continues_exactly(sharded, resumed):
 
 
 # one more two-process run, resumed from a folder of shards that holds only the trained weights
+@pytest.mark.slow  # one more 2-process run; the suite's budget keeps it out of CI
 def test_a_distributed_checkpoint_folder_resumes_and_starts_the_next_stage(resumed):
     root, ranks = resumed
     folder = root / "resumed" / "last.ckpt"
