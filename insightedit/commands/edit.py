@@ -2,7 +2,9 @@
 
 Everything the user gives is checked before the model is loaded, and every problem (a missing or
 non-image file, an image too large to decode safely, an empty instruction, an unreadable model folder,
-an output name PIL cannot write) is one ``error:`` line and exit status 2.
+an output name PIL cannot write, an output folder that is not writable) is one ``error:`` line and exit
+status 2. The image is written atomically (temporary file beside it, fsync, rename): a failed write (a
+full or read-only disk) is one line too and leaves an existing file at ``--out`` as it was.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from insightedit.atomic_write import OutputNotWritten, atomic_write, check_writable_file, explain
 from insightedit.errors import UserError
 from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
 
@@ -69,14 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_output(path: Path) -> str:
-    """The PIL format to write ``path`` in; raise :class:`UserError` if its extension is not writable."""
+    """The PIL format to write ``path`` in; raise :class:`UserError` if ``path`` cannot be written.
+
+    Checked before any work: a file name PIL can write, not a folder, in a folder that exists (or can be
+    created) and is writable.
+    """
     extension = path.suffix.lower()
     formats = Image.registered_extensions()
     if extension not in formats or formats[extension] not in Image.SAVE:
         raise UserError(f"cannot write an image named {path} (use .png, .jpg, .webp...)")
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; give a file name")
+    check_writable_file(path, "the edited image")
     return formats[extension]
+
+
+def save_image(image: Image.Image, path: Path, image_format: str) -> None:
+    """Write ``image`` to ``path`` atomically; a failed write is an :class:`OutputNotWritten` line."""
+    existed = path.is_file()
+    try:
+        with atomic_write(path) as stream:
+            image.save(stream, format=image_format)
+    except OSError as error:
+        kept = f"the existing {path.name} is unchanged" if existed else "no file was left"
+        raise OutputNotWritten(f"cannot write the edited image {path}: {explain(error)}; {kept}") from error
 
 
 def main(argv: list[str]) -> int:
@@ -111,8 +128,7 @@ def main(argv: list[str]) -> int:
         resolution=args.resolution,
     )
     edited = result.images[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    edited.save(args.out, format=out_format)
+    save_image(edited, args.out, out_format)
     timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result.timings.items())
     print(f"wrote {args.out} ({edited.width}x{edited.height}; {timings})")
     return 0

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 from transformers.utils import logging as transformers_logging
@@ -38,8 +39,9 @@ from insightedit import __version__
 from insightedit.errors import UserError
 from insightedit.models.bridging.model import BridgingModel
 from insightedit.models.bridging.presets import BridgingSizes, build_bridging_from_sizes
-from insightedit.models.comprehension.model import ADAPTER_CONFIG_FILE, ComprehensionModel
+from insightedit.models.comprehension.model import ADAPTER_CONFIG_FILE, MM_ROWS_FILE, ComprehensionModel
 from insightedit.models.comprehension.presets import quantization_config
+from insightedit.models.generation.edit_unet import EDIT_UNET_CONFIG, IMAGE_BRANCH_WEIGHTS
 from insightedit.systems.generation import GenerationModule
 
 MODEL_INDEX = "model_index.json"
@@ -169,7 +171,7 @@ def write_model_index(directory: Path, preset: str, resolution: int | None, part
 
 
 def read_model_index(directory: str | Path) -> dict[str, Any]:
-    """Read and check ``model_index.json``; raise :class:`UserError` if the folder is not an exported model."""
+    """Read and check ``model_index.json`` and every file it implies; raise :class:`UserError` if one is bad."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"model folder {directory} not found")
@@ -184,7 +186,78 @@ def read_model_index(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} does not describe an {PIPELINE_CLASS}")
     if index.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format version {index.get('format_version')}, this code reads {FORMAT_VERSION}")
+    check_model_files(directory, index)
     return index
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the folder; a missing, unreadable or invalid one is a :class:`UserError` naming it."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the model folder is incomplete; export it again")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); export the model again") from None
+
+
+def _model_files(directory: Path, weights: str) -> list[Path]:
+    """A transformers/diffusers model folder's ``config.json`` and ``weights`` (or the shards its index lists)."""
+    sharded = directory / f"{weights}.index.json"
+    if (directory / weights).is_file() or not sharded.is_file():
+        return [directory / "config.json", directory / weights]
+    index = _read_json(sharded)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{sharded} lists no weight files; export the model again")
+    return [directory / "config.json", *(directory / shard for shard in sorted(set(map(str, weight_map.values()))))]
+
+
+def required_files(directory: Path, index: dict[str, Any]) -> list[Path]:
+    """Every config and weight file that loading the folder of ``index`` needs (the layout above)."""
+    comprehension = index.get("comprehension") or {}
+    generation = directory / "generation"
+    adapter = directory / "comprehension" / "adapter"
+    files = [directory / "comprehension" / "tokenizer" / "tokenizer_config.json", adapter / MM_ROWS_FILE]
+    if comprehension.get("base_included"):
+        base = directory / str(comprehension.get("base", "comprehension/base"))
+        files += _model_files(base, "model.safetensors")
+    if (adapter / ADAPTER_CONFIG_FILE).is_file() or (adapter / "adapter_model.safetensors").is_file():
+        files += [adapter / ADAPTER_CONFIG_FILE, adapter / "adapter_model.safetensors"]  # LoRA: both or neither
+    files += [directory / "bridging" / "config.json", directory / "bridging" / "model.safetensors"]
+    settings = _read_json(generation / "generation_config.json")
+    unet_config = _read_json(generation / EDIT_UNET_CONFIG)
+    files += [generation / "scheduler" / "scheduler_config.json"]
+    files += _model_files(generation / "unet", "diffusion_pytorch_model.safetensors")
+    if isinstance(unet_config, dict) and unet_config.get("image_embed_dim") is not None:
+        files.append(generation / IMAGE_BRANCH_WEIGHTS)
+    hparams = settings.get("hparams", {}) if isinstance(settings, dict) else {}
+    if isinstance(hparams, dict) and hparams.get("with_text_encoder", True):
+        files += _model_files(generation / "text_encoder", "model.safetensors")
+    latent = settings.get("latent", {}) if isinstance(settings, dict) else {}
+    if isinstance(latent, dict) and latent.get("kind") == "vae":
+        files += _model_files(generation / "vae", "diffusion_pytorch_model.safetensors")
+    return files
+
+
+def check_model_files(directory: str | Path, index: dict[str, Any]) -> None:
+    """Raise :class:`UserError` naming a needed file that is missing or any JSON/safetensors file that is damaged.
+
+    Runs before any weight is loaded; a safetensors header is checked against the file's length, so a
+    truncated file is caught here (a corrupt byte inside a tensor's data is not detectable without a checksum).
+    """
+    directory = Path(directory)
+    for path in required_files(directory, index):
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the model folder is incomplete; export it again")
+    for path in sorted(directory.rglob("*.json")):
+        _read_json(path)
+    for path in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"{path} is damaged (truncated or corrupt: {first}); export the model again") from None
 
 
 def load_generation(folder: Path, device: torch.device, dtype: torch.dtype) -> GenerationModule:

@@ -6,6 +6,8 @@ filesystem, and nothing is fsynced, so a crash or power loss while saving can le
 ``last.ckpt``. :class:`AtomicCheckpointIO` writes a hidden temporary file in the checkpoint's own
 directory, fsyncs it, renames it over the target with ``os.replace`` (atomic on POSIX and Windows
 within one filesystem) and fsyncs the directory. Remote (fsspec URL) paths keep Lightning's path.
+A save that fails (a full or read-only disk) removes its temporary file and ends the run with one line,
+:class:`CheckpointNotWritten`: which checkpoint, why, and that the previous one is intact.
 """
 
 from __future__ import annotations
@@ -21,43 +23,30 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from insightedit.atomic_write import OutputNotWritten, atomic_write, explain, temporary_path
+
+__all__ = ["AtomicCheckpointIO", "CheckpointNotWritten", "atomic_torch_save", "temporary_path"]
+
 log = logging.getLogger(__name__)
 
 
-def temporary_path(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place (same directory, not ``*.ckpt``)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+class CheckpointNotWritten(OutputNotWritten):
+    """A checkpoint could not be saved (disk full, read-only...); the previous file at its path is intact."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` such that ``path`` is never left partially written."""
+    """``torch.save(obj, path)`` such that ``path`` is never left partially written.
+
+    Raises :class:`CheckpointNotWritten` (an ``OSError`` and a one-line user error) when the file
+    cannot be written; whatever was at ``path`` before is then untouched.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(target)
     try:
-        with open(temporary, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        with atomic_write(target) as handle:
+            torch.save(obj, handle)  # a file object, so a failed write is the OSError, not "unexpected pos"
+    except OSError as error:
+        previous = "the previous checkpoint there is intact" if target.is_file() else "no earlier file was replaced"
+        raise CheckpointNotWritten(f"could not write checkpoint {target}: {explain(error)}; {previous}") from error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
