@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--steps", default="1-5", help="steps to run, e.g. 1-5, 1-3 or 4,5 (default 1-5)")
     build.add_argument("--retry-failed", action="store_true", help="retry (image, step) pairs that failed before")
 
-    check = commands.add_parser("check", help="validate a dataset and print a summary")
+    check = commands.add_parser(
+        "check", help="validate a dataset and print a summary (exit 1 when records are bad or were cut at load)"
+    )
     check.add_argument("root", type=Path, help="AdvancedEdit folder, pipeline root or manifest.jsonl")
     check.add_argument("--image-root", type=Path, help="where blank source paths resolve")
     check.add_argument("--target-root", type=Path, help="where blank target paths resolve")
@@ -112,7 +114,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.manifest:
         write_manifest(report.good, args.manifest)
         print(f"manifest: {args.manifest} ({len(report.good)} records)")
-    return 1 if report.bad else 0
+    return 1 if report.bad or report.warnings else 0
 
 
 def _optimize(args: argparse.Namespace) -> int:

@@ -30,7 +30,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from insightedit.data.records import BadRecord, EditRecord, RecordSet, check_record_fields
+from insightedit.data.records import (
+    BadRecord,
+    EditRecord,
+    RecordError,
+    RecordSet,
+    check_record_fields,
+    instruction_list,
+    json_type,
+    parse_bbox,
+    truncate_instructions,
+)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RECORD_STEPS = re.compile(r"^([345])_")
@@ -50,10 +60,11 @@ def is_pipeline_root(root: Path) -> bool:
     return root.is_dir() and any(child.is_dir() and RECORD_STEPS.match(child.name) for child in root.iterdir())
 
 
-def read_record_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def read_record_file(path: Path) -> list[tuple[str, Any]]:
     """Return ``(key, record)`` pairs of a JSON record file (list or index-keyed dict).
 
-    Raises ``ValueError`` with a one-line reason when the file is malformed.
+    Raises ``ValueError`` with a one-line reason when the file is malformed or holds no record object;
+    single entries that are not objects are returned as they are, for the caller to report.
     """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -67,7 +78,7 @@ def read_record_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
         pairs = [(str(key), item) for key, item in data.items()]
     else:
         raise ValueError("JSON is neither a list nor a dict of records")
-    if not all(isinstance(item, dict) for _, item in pairs):
+    if pairs and not any(isinstance(item, dict) for _, item in pairs):
         raise ValueError("JSON entries are not record objects")
     return pairs
 
@@ -84,14 +95,6 @@ def _group_of(path: Path, pairs: list[tuple[str, dict[str, Any]]]) -> str:
 
 def _natural_key(text: str) -> tuple[Any, ...]:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
-
-
-def _text_list(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        return []
-    return [item.strip() for item in value if isinstance(item, str) and item.strip()]
 
 
 class _ImageFinder:
@@ -168,7 +171,8 @@ def _build(
     masks: dict[int, str],
 ) -> EditRecord | BadRecord:  # fmt: skip
     """Turn one raw AdvancedEdit record into an :class:`EditRecord`, or say why not."""
-    task = str(raw.get("task_type", "")).strip()
+    task = raw.get("task_type")
+    task = task.strip() if isinstance(task, str) else "" if task is None else str(task)
     origin, target = str(raw.get("class_origin") or ""), str(raw.get("class_target") or "")
     source_path = finder.given(raw.get("origin_img_path"), json_path.parent)
     target_path = finder.given(raw.get("target_img_path"), json_path.parent)
@@ -204,16 +208,22 @@ def _build(
     else:
         caption = raw.get("img_caption") or ""
     reasoning_keys = sorted((k for k in raw if k.startswith("reasoning_instruction")), key=_natural_key)
+    try:
+        instructions = instruction_list(raw.get("instruction"), "instruction", allow_string=True)
+        reasoning = [text for k in reasoning_keys for text in instruction_list(raw[k], k, allow_string=True)]
+        bbox = parse_bbox(raw.get("bbox"))
+    except RecordError as error:
+        return BadRecord(f"{image_id}/{group}/{key}", f"{error} (in {json_path})")
     record = EditRecord(
         id=f"{image_id}/{group}/{key}",
         source_id=image_id,
         source_path=source_path,
         target_path=target_path,
-        instructions=_text_list(raw.get("instruction")),
-        reasoning_instructions=[text for k in reasoning_keys for text in _text_list(raw[k])],
+        instructions=instructions,
+        reasoning_instructions=reasoning,
         task_type=task,
         target_caption=str(raw.get("target_caption") or caption),
-        bbox=[float(v) for v in raw["bbox"]] if isinstance(raw.get("bbox"), list) else None,
+        bbox=bbox,
         segmentation=segmentation,
         class_origin=origin,
         class_target=target,
@@ -259,6 +269,10 @@ def load_advancededit(
         except (OSError, ValueError) as error:
             bad.append(BadRecord(str(path), str(error)))
             continue
+        for key, item in pairs:
+            if not isinstance(item, dict):
+                bad.append(BadRecord(f"{path} [{key}]", f"not a record object (a JSON {json_type(item)})"))
+        pairs = [(key, item) for key, item in pairs if isinstance(item, dict)]
         group = _group_of(path, pairs)
         for key, item in pairs:
             slot = (path.stem, group, key)
@@ -272,10 +286,17 @@ def load_advancededit(
     target_dirs += sorted(root_dir.glob("3_*/*/target_imgs")) + [root_dir / "target_imgs"]
     finder = _ImageFinder(sorted(source_dirs, key=str), target_dirs, [root_dir])
     records: list[EditRecord] = []
+    warnings: list[BadRecord] = []
     masks_cache: dict[str, dict[int, str]] = {}
     for (image_id, group, key), (item, path) in sorted(raw.items(), key=lambda kv: _natural_key("/".join(kv[0]))):
         if image_id not in masks_cache:
             masks_cache[image_id] = _step2_masks(root_dir, image_id) if pipeline else {}
         built = _build(item, key, image_id, group, path, finder, masks_cache[image_id])
-        (bad if isinstance(built, BadRecord) else records).append(built)  # type: ignore[arg-type]
-    return RecordSet(records, bad, root_dir, "pipeline" if pipeline else "json")
+        if isinstance(built, BadRecord):
+            bad.append(built)
+            continue
+        note = truncate_instructions(built)
+        if note:
+            warnings.append(BadRecord(f"{built.id} (in {path})", note))
+        records.append(built)
+    return RecordSet(records, bad, root_dir, "pipeline" if pipeline else "json", warnings)

@@ -21,6 +21,7 @@ class CheckReport:
     fixes: Counter[str] = field(default_factory=Counter)
     root: Path | None = None
     format: str = ""
+    warnings: list[BadRecord] = field(default_factory=list)  # usable records changed at load (lossy), and why
 
     @property
     def total(self) -> int:
@@ -50,6 +51,11 @@ class CheckReport:
         ]
         if self.fixes:
             lines.append("fixed while loading: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.fixes.items())))
+        if self.warnings:
+            lines.append(f"warnings: {len(self.warnings)} records changed at load")
+            lines += [f"  {warning}" for warning in self.warnings[:max_listed]]
+            if len(self.warnings) > max_listed:
+                lines.append(f"  ... and {len(self.warnings) - max_listed} more")
         if self.bad:
             lines.append("bad records by reason: " + ", ".join(f"{k} x{v}" for k, v in self.bad_reasons().items()))
             lines += [f"  {bad}" for bad in self.bad[:max_listed]]
@@ -62,6 +68,8 @@ def reason_kind(reason: str) -> str:
     """A short category of a reason, for counting (``missing image``, ``invalid RLE``, ...)."""
     text = reason.split(": ", 1)[-1] if reason.startswith(("source:", "target:")) else reason
     for kind in (
+        "not UTF-8", "not a record object", "missing required field", "duplicate id", "invalid instruction",
+        "invalid bbox", "missing task_type",
         "invalid RLE", "not an image", "missing image", "truncated", "corrupt", "empty instruction",
         "malformed", "size mismatch", "does not match source", "no edited image", "ambiguous",
         "unknown task_type", "no target", "no segmentation",
@@ -133,7 +141,7 @@ def scan_records(record_set: RecordSet, *, full: bool = True) -> CheckReport:
             bad.append(BadRecord(record.id, str(error)))
             continue
         good.append(record)
-    return CheckReport(good, bad, cache.fixes, record_set.root, record_set.format)
+    return CheckReport(good, bad, cache.fixes, record_set.root, record_set.format, list(record_set.warnings))
 
 
 def check_dataset(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,8 +16,18 @@ from pycocotools import mask as mask_utils
 
 from insightedit.errors import UserError
 
+log = logging.getLogger(__name__)
+
 TASK_TYPES: tuple[str, ...] = ("remove", "add", "replace")
 MANIFEST_NAME = "manifest.jsonl"
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "source_id", "source_path", "task_type")
+# Instructions longer than this are cut at load (and reported): AdvancedEdit's are under ~300 characters, and a
+# 100 kB one would be ~23k MLLM tokens in one training step. The prompt encoder also bounds tokens on its own.
+MAX_INSTRUCTION_CHARS = 1000
+
+
+class RecordError(ValueError):
+    """A record whose fields cannot be used; the message is the one-line reason."""
 
 
 class InvalidMask(ValueError):
@@ -127,25 +139,109 @@ class EditRecord:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], base: Path) -> EditRecord:
-        """Build a record from a manifest line; relative paths resolve against ``base``."""
+    def from_json(cls, data: Any, base: Path) -> EditRecord:
+        """Build a record from a manifest line; relative paths resolve against ``base``.
+
+        Raises :class:`RecordError` naming the first field that is missing or of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise RecordError(f"not a record object (a JSON {json_type(data)})")
+        for key in REQUIRED_FIELDS:
+            if data.get(key) is None or (isinstance(data[key], str) and not data[key].strip()):
+                raise RecordError(f"missing required field {key!r}")
+            allowed = str | int if key in ("id", "source_id") else str
+            if not isinstance(data[key], allowed) or isinstance(data[key], bool):
+                raise RecordError(f"field {key!r} is a JSON {json_type(data[key])}, not a string")
         target = data.get("target_path")
+        if target is not None and not isinstance(target, str):
+            raise RecordError(f"field 'target_path' is a JSON {json_type(target)}, not a string")
+        extra = data.get("extra")
+        if extra is not None and not isinstance(extra, dict):
+            raise RecordError(f"field 'extra' is a JSON {json_type(extra)}, not an object")
         return cls(
             id=str(data["id"]),
             source_id=str(data["source_id"]),
             source_path=base / str(data["source_path"]),
-            target_path=None if not target else base / str(target),
-            instructions=[str(s) for s in data.get("instructions") or []],
-            reasoning_instructions=[str(s) for s in data.get("reasoning_instructions") or []],
+            target_path=None if not target else base / target,
+            instructions=instruction_list(data.get("instructions"), "instructions"),
+            reasoning_instructions=instruction_list(data.get("reasoning_instructions"), "reasoning_instructions"),
             task_type=str(data["task_type"]),
-            target_caption=str(data.get("target_caption") or ""),
-            bbox=data.get("bbox"),
+            target_caption=_text_field(data, "target_caption"),
+            bbox=parse_bbox(data.get("bbox")),
             segmentation=data.get("segmentation"),
-            class_origin=str(data.get("class_origin") or ""),
-            class_target=str(data.get("class_target") or ""),
-            source_caption=str(data.get("source_caption") or ""),
-            extra=dict(data.get("extra") or {}),
+            class_origin=_text_field(data, "class_origin"),
+            class_target=_text_field(data, "class_target"),
+            source_caption=_text_field(data, "source_caption"),
+            extra=dict(extra or {}),
         )
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (``array``, ``string``, ...)."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _text_field(data: dict[str, Any], key: str) -> str:
+    """An optional string field ("" when absent or null); raise :class:`RecordError` for other types."""
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(f"field {key!r} is a JSON {json_type(value)}, not a string")
+    return value
+
+
+def instruction_list(value: Any, name: str, *, allow_string: bool = False) -> list[str]:
+    """The instructions of field ``name`` as a list of stripped, non-blank strings.
+
+    Absent or null is ``[]``. A list must hold only non-blank strings; a string is one instruction only
+    with ``allow_string`` (the official layout's single-instruction form; a blank one counts as absent).
+    Anything else raises :class:`RecordError`.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if not allow_string:
+            raise RecordError(f"invalid instruction: {name!r} is a string, not a list of strings")
+        return [value.strip()] if value.strip() else []
+    if not isinstance(value, list):
+        raise RecordError(f"invalid instruction: {name!r} is a JSON {json_type(value)}, not a list of strings")
+    texts: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise RecordError(f"invalid instruction: {name}[{index}] is a JSON {json_type(item)}, not a string")
+        if not item.strip():
+            raise RecordError(f"empty instruction ({name}[{index}] is blank)")
+        texts.append(item.strip())
+    return texts
+
+
+def parse_bbox(value: Any) -> list[float] | None:
+    """A COCO ``[x, y, w, h]`` box as floats (``None`` when absent); raise :class:`RecordError` if malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 4:
+        size = f"{len(value)} values" if isinstance(value, list) else f"a JSON {json_type(value)}"
+        raise RecordError(f"invalid bbox: {size}, not [x, y, w, h]")
+    for index, item in enumerate(value):
+        if not isinstance(item, int | float) or isinstance(item, bool):
+            raise RecordError(f"invalid bbox: bbox[{index}] is a JSON {json_type(item)}, not a number")
+        if not math.isfinite(item):
+            raise RecordError(f"invalid bbox: bbox[{index}] is {item}, not a finite number")
+    if value[2] < 0 or value[3] < 0:
+        raise RecordError(f"invalid bbox: negative size {value[2]} x {value[3]}")
+    return [float(v) for v in value]
+
+
+def truncate_instructions(record: EditRecord, limit: int = MAX_INSTRUCTION_CHARS) -> str | None:
+    """Cut ``record``'s instructions longer than ``limit`` characters in place; say what was cut, or ``None``."""
+    longest = max(map(len, record.instructions + record.reasoning_instructions), default=0)
+    if longest <= limit:
+        return None
+    record.instructions = [text[:limit].rstrip() for text in record.instructions]
+    record.reasoning_instructions = [text[:limit].rstrip() for text in record.reasoning_instructions]
+    return f"instruction truncated to {limit} characters (was {longest})"
 
 
 @dataclass(frozen=True)
@@ -168,6 +264,7 @@ class RecordSet:
     bad: list[BadRecord] = field(default_factory=list)
     root: Path | None = None
     format: str = ""
+    warnings: list[BadRecord] = field(default_factory=list)  # usable records changed at load (lossy), and why
 
     def __iter__(self) -> Iterator[EditRecord]:
         """Iterate over good records."""
@@ -189,6 +286,8 @@ class RecordSet:
 
 def check_record_fields(record: EditRecord) -> str | None:
     """Return why ``record`` is unusable from its fields alone (no file access), or ``None`` if fine."""
+    if not record.task_type:
+        return "missing task_type"
     if record.task_type not in TASK_TYPES:
         return f"unknown task_type {record.task_type!r}"
     if not record.instructions and not record.reasoning_instructions:
@@ -212,27 +311,59 @@ def write_manifest(records: list[EditRecord], path: str | Path) -> Path:
     return path
 
 
+def _decode_line(data: bytes) -> str:
+    """A manifest line as text; raise :class:`RecordError` when it is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecordError(f"not UTF-8 text (byte 0x{data[error.start]:02x} at column {error.start + 1})") from None
+
+
 def read_manifest(path: str | Path) -> RecordSet:
-    """Read a JSONL manifest; malformed lines and unusable records are skipped with a reason."""
+    """Read a JSONL manifest; malformed lines and unusable records are skipped with a reason.
+
+    A line that is not UTF-8 or not JSON, not an object, missing a required field, or with a field of the
+    wrong type is bad, as is a record failing :func:`check_record_fields`. Of records sharing an id the
+    first is kept and the others are bad. Over-long instructions are truncated (a warning).
+    """
     path = Path(path)
+    try:
+        lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    except OSError as error:
+        raise UserError(f"cannot read manifest {path}: {error.strerror or error}") from None
     good: list[EditRecord] = []
     bad: list[BadRecord] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
+    warnings: list[BadRecord] = []
+    first_seen: dict[str, str] = {}
+    for number, data in enumerate(lines, start=1):
+        if not data.strip():
+            continue
+        where = f"{path}:{number}"
+        parsed: Any = None
+        try:
+            text = _decode_line(data)
             try:
-                record = EditRecord.from_json(json.loads(line), path.parent)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                bad.append(BadRecord(where, f"malformed manifest line ({error})"))
-                continue
-            reason = check_record_fields(record)
-            if reason:
-                bad.append(BadRecord(f"{where} ({record.id})", reason))
-            else:
-                good.append(record)
-    return RecordSet(good, bad, path.parent, "manifest")
+                parsed = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise RecordError(f"malformed JSON ({error})") from None
+            record = EditRecord.from_json(parsed, path.parent)
+        except RecordError as error:
+            known = isinstance(parsed, dict) and isinstance(parsed.get("id"), str | int)
+            bad.append(BadRecord(f"{where} ({parsed['id']})" if known else where, str(error)))
+            continue
+        where = f"{where} ({record.id})"
+        reason = check_record_fields(record)
+        if reason is None and record.id in first_seen:
+            reason = f"duplicate id (first at line {first_seen[record.id]})"
+        if reason:
+            bad.append(BadRecord(where, reason))
+            continue
+        first_seen[record.id] = str(number)
+        note = truncate_instructions(record)
+        if note:
+            warnings.append(BadRecord(where, note))
+        good.append(record)
+    return RecordSet(good, bad, path.parent, "manifest", warnings)
 
 
 def detect_format(root: Path) -> str:
@@ -268,10 +399,16 @@ def load_records(
     if not root.exists():
         raise UserError(f"dataset root {root} does not exist")
     kind = detect_format(root)
-    if kind == "manifest":
-        return read_manifest(root if root.is_file() else root / MANIFEST_NAME)
     if kind == "streaming":
         raise UserError(f"{root} is an optimized streaming dataset; read it with the data module")
-    from insightedit.data.advancededit import load_advancededit
+    if kind == "manifest":
+        record_set = read_manifest(root if root.is_file() else root / MANIFEST_NAME)
+    else:
+        from insightedit.data.advancededit import load_advancededit
 
-    return load_advancededit(root, pipeline=kind == "pipeline", image_root=image_root, target_root=target_root)
+        record_set = load_advancededit(
+            root, pipeline=kind == "pipeline", image_root=image_root, target_root=target_root
+        )
+    if record_set.warnings:
+        log.warning("%d records changed at load, e.g. %s", len(record_set.warnings), record_set.warnings[0])
+    return record_set

@@ -25,7 +25,7 @@ from insightedit.data.images import (
     same_aspect,
     to_signed_tensor,
 )
-from insightedit.data.records import EditRecord, InvalidMask, decode_mask
+from insightedit.data.records import MAX_INSTRUCTION_CHARS, EditRecord, InvalidMask, decode_mask
 
 # EXIF orientation value → the PIL transpose that displays it (as ImageOps.exif_transpose does).
 ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
@@ -56,14 +56,20 @@ class SampleConfig:
 def plain_instruction(record: EditRecord) -> str:
     """The record's first simple (templated) instruction; its first reasoning one when it has none."""
     pool = record.instructions or record.reasoning_instructions
-    return pool[0] if pool else ""
+    return pool[0][:MAX_INSTRUCTION_CHARS] if pool else ""
 
 
 def choose_instruction(record: EditRecord, reasoning_probability: float, rng: random.Random) -> str:
-    """A reasoning phrasing with probability ``reasoning_probability`` (if any), else a templated one."""
+    """A reasoning phrasing with probability ``reasoning_probability`` (if any), else a templated one.
+
+    At most :data:`~insightedit.data.records.MAX_INSTRUCTION_CHARS` characters; raise :class:`BadSample`
+    when the record has no instruction.
+    """
+    if not record.instructions and not record.reasoning_instructions:
+        raise BadSample("empty instruction")
     use_reasoning = record.reasoning_instructions and (not record.instructions or rng.random() < reasoning_probability)
     pool = record.reasoning_instructions if use_reasoning else record.instructions
-    return pool[rng.randrange(len(pool))]
+    return pool[rng.randrange(len(pool))][:MAX_INSTRUCTION_CHARS]
 
 
 def mask_for_source(record: EditRecord, source: LoadedImage) -> Image.Image:

@@ -103,7 +103,13 @@ class ComprehensionModel(nn.Module):
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         with_cls = int(config.vision_feature_select_strategy == "full")  # the projector then keeps CLS too
         self.prompts = (
-            PromptEncoder(tokenizer, self.mm_tokens, config.image_token_id, grid * grid + with_cls)
+            PromptEncoder(
+                tokenizer,
+                self.mm_tokens,
+                config.image_token_id,
+                grid * grid + with_cls,
+                max_length=int(config.text_config.max_position_embeddings),
+            )
             if tokenizer is not None
             else None
         )

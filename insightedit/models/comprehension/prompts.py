@@ -9,6 +9,7 @@ The single ``<image>`` token is expanded to one token per vision patch, as ``Lla
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
+
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
+# An over-long instruction is first cut to budget x this many characters (no token is longer), so that
+# tokenising a 100 kB instruction stays cheap; the token cut that follows is exact.
+MAX_CHARS_PER_TOKEN = 16
+# tokenizers without a real limit report a huge model_max_length (int(1e30))
+NO_LIMIT = 10**9
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), accepting llava-hf's message schema
 # (content as a string or a list of {"type": "image"} / {"type": "text", "text": ...} items).
@@ -48,7 +56,12 @@ class EncodedPrompts:
 
 
 class PromptEncoder:
-    """Turns instructions into LLaVA prompts answered by the [MM] tokens, tokenised and padded."""
+    """Turns instructions into LLaVA prompts answered by the [MM] tokens, tokenised and padded.
+
+    Every prompt fits ``max_length`` tokens (the smaller of the argument, e.g. the language model's
+    ``max_position_embeddings``, and the tokenizer's ``model_max_length``): an instruction that would not
+    fit is cut to the tokens that do, with a warning, and counted in :attr:`truncated`.
+    """
 
     def __init__(
         self,
@@ -56,6 +69,7 @@ class PromptEncoder:
         mm_tokens: Sequence[str],
         image_token_id: int,
         num_image_tokens: int,
+        max_length: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.mm_tokens = list(mm_tokens)
@@ -65,6 +79,15 @@ class PromptEncoder:
         if tokenizer.chat_template is None:
             tokenizer.chat_template = LLAVA_15_CHAT_TEMPLATE
         self.answer = " " + "".join(self.mm_tokens)
+        limits = [int(n) for n in (max_length, getattr(tokenizer, "model_max_length", None)) if n and n < NO_LIMIT]
+        self.max_length = min(limits) if limits else None
+        self.truncated = 0
+        self.instruction_budget: int | None = None
+        if self.max_length is not None:
+            empty = len(self._row(""))
+            self.instruction_budget = self.max_length - empty
+            if self.instruction_budget < 1:
+                raise ValueError(f"max_length {self.max_length} leaves no room for an instruction ({empty} tokens)")
 
     def prompt(self, instruction: str) -> str:
         """The full text of one turn: chat-templated user message with the image, then the [MM] answer."""
@@ -88,11 +111,43 @@ class PromptEncoder:
         i = where[0]
         return ids[:i] + [self.image_token_id] * self.num_image_tokens + ids[i + 1 :]
 
+    def _row(self, instruction: str) -> list[int]:
+        """The token ids of one prompt, image token expanded."""
+        return self._expand_image(self.tokenizer(self.prompt(instruction))["input_ids"])
+
+    def bounded_row(self, instruction: str) -> list[int]:
+        """The token ids of one prompt, the instruction cut where needed so the row fits ``max_length``."""
+        if self.max_length is None or self.instruction_budget is None:
+            return self._row(instruction)
+        budget = self.instruction_budget
+        text = instruction[: budget * MAX_CHARS_PER_TOKEN]
+        row = self._row(text)
+        if len(row) > self.max_length:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            keep = min(budget, len(ids) - 1)
+            for _ in range(8):  # decoding then re-tokenising can merge or split a token at the cut: shrink, retry
+                text = self.tokenizer.decode(ids[: max(keep, 0)])
+                row = self._row(text)
+                if len(row) <= self.max_length:
+                    break
+                keep -= len(row) - self.max_length
+            else:
+                raise ValueError(
+                    f"cannot fit an instruction of {len(instruction)} characters in {self.max_length} tokens"
+                )
+        if text != instruction:
+            self.truncated += 1
+            log.warning(
+                "instruction of %d characters cut to %d characters so its prompt fits %d tokens",
+                len(instruction), len(text), self.max_length,
+            )  # fmt: skip
+        return row
+
     def __call__(self, instructions: Sequence[str], device: torch.device | str | None = None) -> EncodedPrompts:
         """Encode a batch of instructions; every row holds the r [MM] tokens exactly once, in order."""
         if isinstance(instructions, str):
             raise TypeError("instructions must be a sequence of strings, not one string")
-        rows = [self._expand_image(self.tokenizer(self.prompt(text))["input_ids"]) for text in instructions]
+        rows = [self.bounded_row(text) for text in instructions]
         length = max(len(row) for row in rows)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         left = self.tokenizer.padding_side == "left"
