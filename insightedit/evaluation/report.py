@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from insightedit.atomic_write import OutputNotWritten, atomic_write, explain
+
 METRICS: tuple[str, ...] = ("clip", "psnr", "ssim", "lpips", "psnr_target", "ssim_target", "lpips_target")
 VIESCORE_KEYS: tuple[str, ...] = ("viescore_O/10", "viescore_SC", "viescore_PQ")
 
@@ -109,18 +111,23 @@ def _json_safe(value: object) -> object:
 
 
 def write_json(report: dict[str, object], path: Path) -> None:
-    """Write the report as strict JSON (non-finite floats become strings)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(report), indent=2) + "\n", encoding="utf-8")
+    """Write the report as strict JSON (non-finite floats become strings), atomically."""
+    try:
+        with atomic_write(path, "w", encoding="utf-8") as stream:
+            stream.write(json.dumps(_json_safe(report), indent=2) + "\n")
+    except OSError as error:
+        raise OutputNotWritten(f"cannot write the report {path}: {explain(error)}") from error
 
 
 def write_csv(rows: Sequence[dict[str, object]], path: Path, header: dict[str, object]) -> None:
-    """Write one line per edit; a first comment line names protocol, resolution, backbones, judge."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write one line per edit; a first comment line names protocol, resolution, backbones, judge (atomically)."""
     keys = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="", encoding="utf-8") as stream:
-        stream.write("# " + "; ".join(f"{key}={value}" for key, value in header.items()) + "\n")
-        writer = csv.DictWriter(stream, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in keys})
+    try:
+        with atomic_write(path, "w", encoding="utf-8") as stream:  # newline="" as the csv module wants
+            stream.write("# " + "; ".join(f"{key}={value}" for key, value in header.items()) + "\n")
+            writer = csv.DictWriter(stream, fieldnames=keys)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in keys})
+    except OSError as error:
+        raise OutputNotWritten(f"cannot write the report {path}: {explain(error)}") from error
