@@ -7,18 +7,66 @@ use omegaconf interpolation (``${...}``).
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from insightedit.errors import UserError
 from insightedit.training.composition import compose_config_args
 from insightedit.training.config_saving import SaveResolvedConfig
+from insightedit.training.run_outputs import check_run_outputs, drop_logger_only_callbacks
+from insightedit.training.safe_load import check_distributed_checkpoint, checkpoint_error
 
 
 class InsightEditCLI(LightningCLI):
-    """Lightning's CLI with the project's defaults: omegaconf configs, subclass mode for models and data."""
+    """Lightning's CLI with the project's defaults: omegaconf configs, subclass mode for models and data.
+
+    ``--ckpt_path`` is always read with ``weights_only=True`` (the option ``--weights_only`` is not offered):
+    a checkpoint that names code to run is refused in one line, never run.
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands, without ``weights_only`` (checkpoints are always loaded weights-only)."""
+        return {name: {*skipped, "weights_only"} for name, skipped in LightningCLI.subcommands().items()}
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyperparameters (weights-only); a refused file is one line."""
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # refused or unreadable
+            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), error, "ckpt_path") from None
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """The subcommand's arguments, with ``weights_only=True`` for ``--ckpt_path``."""
+        return {**super()._prepare_subcommand_kwargs(subcommand), "weights_only": True}
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; a ``--ckpt_path`` (file, folder, ``last``) that names code is refused in one line."""
+        path = self.config_init[subcommand].get("ckpt_path")
+        if path and Path(path).is_dir():  # torch unpickles a sharded folder's index unrestricted: check it first
+            check_distributed_checkpoint(path, "ckpt_path")
+        try:
+            super()._run_subcommand(subcommand)
+        except pickle.UnpicklingError as error:
+            resolved = self.trainer.ckpt_path or path  # ``last`` / ``best`` as Lightning resolved them
+            raise checkpoint_error(resolved, error, "ckpt_path") from None
+
+    def before_instantiate_classes(self) -> None:
+        """``fit``/``test``: refuse run folders that cannot be written, before the model and data are built."""
+        if self.subcommand in ("fit", "test"):
+            check_run_outputs(self.config[self.subcommand].get("trainer"))
+
+    def after_instantiate_classes(self) -> None:
+        """Without a logger (``--trainer.logger=false``), leave out the callbacks that need one, with a note."""
+        dropped = drop_logger_only_callbacks(self.trainer) if self.subcommand else []
+        if dropped:
+            rank_zero_info(f"note: no logger (trainer.logger=false): {', '.join(dropped)} left out")
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a config that cannot be built is one line, not a traceback."""

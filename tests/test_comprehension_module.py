@@ -55,7 +55,7 @@ def test_module_fits_logs_loss_and_checkpoints_only_trainable_weights(tmp_path):
 
     path = tmp_path / "comprehension.ckpt"
     trainer.save_checkpoint(path)
-    state = torch.load(path, weights_only=False)["state_dict"]
+    state = torch.load(path, weights_only=True)["state_dict"]
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     assert set(state) == trainable and len(state) == 18  # 16 LoRA matrices + 2 [MM] row blocks
     restored = ComprehensionModule.load_from_checkpoint(path).eval()

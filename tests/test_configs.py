@@ -87,7 +87,7 @@ def test_tiny_stage_fit_runs_in_process_and_writes_last_checkpoint(tmp_path, mon
     assert code == 0
     last = tmp_path / "checkpoints" / "tiny" / "stage3" / "last.ckpt"
     assert last.is_file()
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 3
     assert not any("vision_tower" in k for k in checkpoint["state_dict"])
     saved = yaml.safe_load((last.parent / "config.yaml").read_text())  # the resolved config, beside the weights

@@ -149,7 +149,7 @@ def test_stage2_checkpoint_starts_stage3_with_identical_shared_weights(tmp_path)
     trainer.fit(stage2, loader(stage2, 1))
     path = tmp_path / "stage2.ckpt"
     trainer.save_checkpoint(path)
-    saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     # only trained weights (and the bridge's persistent buffers) travel: no frozen LLM base, vision
     # tower, VAE/CLIP, text encoder
     assert set(saved) == stage2.trainable_names() | {"bridging.model.bim.positional.positional_embedding"}

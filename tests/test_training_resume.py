@@ -11,7 +11,7 @@ MAX_STEPS, EVERY, EPOCH = 10, 2, 4  # epochs of 4 batches of 2: the resumed part
 
 
 def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_same_tensors(a, b, where):

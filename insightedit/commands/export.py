@@ -31,14 +31,10 @@ def load_system(ckpt_path: str | Path, training_seed: int = 0) -> tuple[Any, int
     import torch
 
     from insightedit.systems.insightedit import InsightEditSystem
+    from insightedit.training.safe_load import load_checkpoint
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is a user error, said in one line
-        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__})") from error
+    checkpoint = load_checkpoint(path)  # weights only: a file that would run code is refused in one line
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint or "preset" not in hparams:
         raise UserError(f"{path} is not an InsightEdit system checkpoint (no system hyperparameters)")
@@ -46,7 +42,9 @@ def load_system(ckpt_path: str | Path, training_seed: int = 0) -> tuple[Any, int
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(training_seed)
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
-        system = InsightEditSystem.load_from_checkpoint(path, map_location="cpu", init_from=None, bridging=bridging)
+        system = InsightEditSystem.load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, init_from=None, bridging=bridging
+        )
     rebuilt = [
         name
         for name, _ in system.named_buffers()

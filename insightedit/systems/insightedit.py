@@ -21,6 +21,7 @@ from insightedit.systems.bridging import BridgingModule
 from insightedit.systems.comprehension import ComprehensionModule
 from insightedit.systems.generation import GenerationModule
 from insightedit.systems.stages import GROUPS, LOSSES, OPTIMIZER_GROUPS, StageSettings, resolve_stage
+from insightedit.training.safe_load import check_distributed_checkpoint, load_checkpoint
 from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
 
 ALIGN_TARGETS = ("plain_instruction", "instruction", "target_caption")
@@ -245,14 +246,18 @@ class InsightEditSystem(L.LightningModule):
         path = Path(path)
         if not path.is_file() and not (path / ".metadata").is_file():
             raise UserError(f"init_from: checkpoint {path} not found")
-        try:
-            if path.is_dir():
+        if path.is_dir():  # torch unpickles a folder's index unrestricted: refuse one that names code first
+            check_distributed_checkpoint(path, "init_from")
+            try:
                 checkpoint = load_distributed_checkpoint(path)
-            else:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            state = checkpoint["state_dict"]
-        except Exception as error:  # noqa: BLE001 - a corrupt file is a user error, said in one line
-            raise UserError(f"init_from: {path} is not a readable Lightning checkpoint ({error})") from error
+            except Exception as error:  # noqa: BLE001 - a corrupt folder is a user error, said in one line
+                reason = (str(error).splitlines() or [type(error).__name__])[0]
+                raise UserError(f"init_from: {path} is not a readable distributed checkpoint ({reason})") from error
+        else:
+            checkpoint = load_checkpoint(path, "init_from")  # weights only: never runs code from the file
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise UserError(f"init_from: {path} is not a readable Lightning checkpoint (no state_dict)")
         own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         unexpected = sorted(set(state) - set(own))
         if unexpected:

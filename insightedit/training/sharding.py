@@ -366,7 +366,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
             dcp.load(optimizer_state, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key])
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return torch.load(path / _METADATA_FILENAME, weights_only=True)  # never code from the file
 
 
 def load_distributed_checkpoint(folder: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from insightedit.models.generation.edit_unet import EDIT_UNET_CONFIG, EditUNet
 from insightedit.models.generation.latent_space import LatentSpace, PixelUnshuffleLatentSpace, VaeLatentSpace
 from insightedit.models.text_encoder import FrozenTextEncoder, tiny_clip_text_config, tiny_clip_tokenizer
+from insightedit.training.safe_load import load_checkpoint
 
 PRESETS = ("tiny", "full")
 TINY_SEED = 20250611
@@ -112,7 +113,8 @@ def load_unet_from_lightning_checkpoint(unet: UNet2DConditionModel, path: Path) 
     """
     if not path.is_file():
         raise FileNotFoundError(f"generation.pretrained: checkpoint {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    checkpoint = load_checkpoint(path, "generation.pretrained")  # weights only: a file naming code is refused
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     weights = {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     if not weights:
         raise ValueError(f"generation.pretrained: {path} holds no UNet weights ({UNET_PREFIX}*)")
