@@ -52,7 +52,7 @@ def test_formula_clamps_negative_cosine_at_zero() -> None:
 
 
 def test_clip_score_matches_direct_computation(tiny_clip: Path) -> None:
-    scorer = ClipScorer.from_pretrained(tiny_clip)
+    scorer = ClipScorer.from_pretrained(tiny_clip, preprocessing="processor")  # as _direct preprocesses
     values = []
     for name in ("astronaut", "coffee", "chelsea"):
         for text in ("a red apple on the table", "a photo of a dog", "green cup"):
@@ -75,7 +75,7 @@ def test_bbox_crop_protocol(tiny_clip: Path) -> None:
     one_pixel = np.zeros((64, 64), dtype=np.uint8)
     one_pixel[5, 7] = 1
     assert mask_bbox(one_pixel) == (7, 5, 8, 6)
-    scorer = ClipScorer.from_pretrained(tiny_clip)
+    scorer = ClipScorer.from_pretrained(tiny_clip, preprocessing="processor")  # as _direct preprocesses
     assert abs(scorer.score(crop, "a red apple") - _direct(tiny_clip, crop, "a red apple")) < 1e-4
 
 

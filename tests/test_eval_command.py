@@ -65,7 +65,7 @@ def test_identical_predictions_reason_edit(planted, tmp_path: Path, capsys) -> N
     understanding, reasoning = report["groups"]["understanding"], report["groups"]["reasoning"]
     assert understanding["n"] == 1 and reasoning["n"] == 1 and understanding["psnr_n_capped"] == 1
     assert report["resolution"] == 256 and "ST-LPIPS-alex" in report["lpips"]
-    assert report["protocol"]["ssim_implementation"] == "torchmetrics"
+    assert report["protocol"]["ssim_implementation"] == "cropped"
     printed = capsys.readouterr().out
     assert "protocol reason_edit | 256x256 | LPIPS: ST-LPIPS-alex" in printed and "missing predictions (1)" in printed
     with out.with_suffix(".csv").open() as stream:

@@ -2,15 +2,21 @@
 
 torchmetrics' CLIPScore reads ``get_image_features`` as a tensor, which transformers 5 turned into a
 model output, so the embeddings are computed here explicitly: the pooled output of the vision (text)
-tower through ``visual_projection`` (``text_projection``), L2-normalised. Preprocessing is the model's
-own image processor (for OpenAI CLIP: bicubic resize of the short side to 224, centre crop,
-normalisation) and its tokenizer truncated to the model's context (77 tokens).
+tower through ``visual_projection`` (``text_projection``), L2-normalised. Captions go through the model's
+tokenizer, truncated to its context (77 tokens).
+
+Images are preprocessed one of two named ways (:data:`CLIP_PREPROCESSING`). ``"pil"`` resizes with PIL's
+bicubic filter, as OpenAI's CLIP ``preprocess`` and transformers 4.x's ``CLIPImageProcessor`` (behind
+torchmetrics' ``CLIPScore``, hence behind published CLIPScores) did; ``"processor"`` runs the model's image
+processor as the installed transformers loads it, which in transformers 5 resizes with torchvision's
+antialiased bicubic kernel, a different filter (about 7e-3 CLIPScore points apart on a tiny model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +26,60 @@ from torch import Tensor
 from insightedit.errors import UserError
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+CLIP_PREPROCESSING: dict[str, str] = {
+    "pil": (
+        "PIL bicubic resize of the short side to the model's size (long side int(size * long / short)), centre "
+        "crop at floor((side - crop) / 2), x / 255, normalised by the model's mean and std (float32): "
+        "transformers 4.x CLIPImageProcessor as torchmetrics' CLIPScore ran it; OpenAI CLIP's resize"
+    ),
+    "processor": "the model's image processor as the installed transformers loads it (v5: torchvision resize)",
+}
+
+
+def _setting(config: object, key: str) -> object:
+    """``config[key]`` for a dict, ``config.key`` otherwise (transformers 5 keeps sizes in a ``SizeDict``)."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def pil_clip_pixels(images: Sequence[Image.Image], image_processor: Any) -> Tensor:
+    """``(N, 3, crop, crop)`` CLIP pixel values computed with PIL, reading sizes, mean and std from the processor.
+
+    The short side is resized to ``size["shortest_edge"]`` with PIL bicubic (or the image to
+    ``size["height"] x size["width"]``), then centre-cropped to ``crop_size`` with the top-left corner at
+    ``floor((side - crop) / 2)``, scaled by ``rescale_factor`` and normalised, as transformers 4.x did.
+    """
+    size = getattr(image_processor, "size", None)
+    crop = getattr(image_processor, "crop_size", None)
+    shortest = _setting(size, "shortest_edge")
+    height, width = _setting(size, "height"), _setting(size, "width")
+    if shortest is None and (height is None or width is None):
+        raise ValueError(f"image processor size {size!r} has neither shortest_edge nor height and width")
+    do_crop = bool(getattr(image_processor, "do_center_crop", True)) and crop is not None
+    scale = float(getattr(image_processor, "rescale_factor", 1 / 255))
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32)
+    std = np.asarray(image_processor.image_std, dtype=np.float32)
+    pixels = []
+    for image in images:
+        image = image.convert("RGB")
+        if shortest is not None:
+            short, long = sorted(image.size)
+            new_long = int(int(shortest) * long / short)
+            new_size = (int(shortest), new_long) if image.width <= image.height else (new_long, int(shortest))
+        else:
+            new_size = (int(width), int(height))
+        image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+        if do_crop:
+            crop_h, crop_w = int(_setting(crop, "height")), int(_setting(crop, "width"))
+            top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
+            image = image.crop((left, top, left + crop_w, top + crop_h))  # outside the image: zeros
+        values = (np.asarray(image, dtype=np.float32) * np.float32(scale) - mean) / std  # (H, W, 3)
+        pixels.append(torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1))))
+    return torch.stack(pixels)
 
 
 def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
@@ -60,7 +120,13 @@ class ClipScorer:
         tokenizer: object,
         name: str,
         device: str = "cpu",
+        preprocessing: str = "pil",
     ) -> None:
+        if preprocessing not in CLIP_PREPROCESSING:
+            raise UserError(
+                f"unknown CLIP preprocessing {preprocessing!r}; choose from {', '.join(sorted(CLIP_PREPROCESSING))}"
+            )
+        self.preprocessing = preprocessing
         self.model = model.to(device).eval()
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -69,7 +135,7 @@ class ClipScorer:
         self.max_length = int(getattr(model.config.text_config, "max_position_embeddings", 77))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: str = "cpu") -> ClipScorer:
+    def from_pretrained(cls, name_or_path: str | Path, device: str = "cpu", preprocessing: str = "pil") -> ClipScorer:
         """Load ``CLIPModel``, its image processor and tokenizer; clear error if unavailable."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -88,13 +154,18 @@ class ClipScorer:
                 f"unless you allow it: run `huggingface-cli download {DEFAULT_CLIP_MODEL}` on a machine with "
                 "internet and pass --clip-model with that folder, or pass --no-clip"
             ) from error
-        return cls(model, image_processor, tokenizer, name=source, device=device)
+        return cls(model, image_processor, tokenizer, name=source, device=device, preprocessing=preprocessing)
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> Tensor:
         """L2-normalised image embeddings ``(N, D)``."""
-        batch = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        pixels = batch["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype)
+        if self.preprocessing == "pil":
+            pixels = pil_clip_pixels(images, self.image_processor)
+        else:
+            pixels = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")[
+                "pixel_values"
+            ]
+        pixels = pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output  # (N, d_vision)
         embeds = self.model.visual_projection(pooled)  # (N, D)
         return torch.nn.functional.normalize(embeds.float(), dim=-1)

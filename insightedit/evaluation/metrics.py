@@ -3,6 +3,12 @@
 Every function takes ``(1, 3, H, W)`` float tensors in [0, 1] (see :func:`to_unit_tensor`). The masked
 variants follow SmartEdit's protocol: both images are multiplied by a keep-weight map ``1 − mask`` and the
 metric is computed over the whole (partly zeroed) image.
+
+SSIM has two published averages of the same Gaussian SSIM map. torchmetrics up to 1.4.1 (what SmartEdit's
+``test/metrics_evaluation.py`` ran) and scikit-image drop a border of ``(11 − 1) / 2 = 5`` pixels, where
+the window reaches into padding, before the mean (``"cropped"``); torchmetrics 1.4.2 and later average the
+full map, padded border included (``"torchmetrics"``). On masked 256×256 photos they differ by 1e-3 to
+1e-2, more than published tables resolve, so every SSIM here is named.
 """
 
 from __future__ import annotations
@@ -23,10 +29,17 @@ from insightedit.errors import UserError
 # smallest non-zero 8-bit error at 256x256 (one channel of one pixel off by one step: ~101.1 dB).
 PSNR_CAP_DB: float = 100.0
 
+# Pixels cropped from each side of the SSIM map by the "cropped" SSIM: (Gaussian window 11 − 1) / 2.
+SSIM_BORDER: int = 5
+
 SSIM_IMPLEMENTATIONS: dict[str, str] = {
+    "cropped": (
+        "Gaussian SSIM (window 11, sigma 1.5, K1 0.01, K2 0.03, data_range 1, float64) averaged over the map "
+        "with a 5 px border cropped, as torchmetrics <= 1.4.1 (SmartEdit's script) and scikit-image compute it"
+    ),
     "torchmetrics": (
-        "torchmetrics structural_similarity_index_measure: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, "
-        "data_range 1, reflect (mirror) padding of 5 px, mean over the full SSIM map and channels"
+        "torchmetrics >= 1.4.2 structural_similarity_index_measure: Gaussian window 11, sigma 1.5, K1 0.01, "
+        "K2 0.03, data_range 1, reflect (mirror) padding of 5 px, mean over the full SSIM map and channels"
     ),
     "skimage": (
         "scikit-image structural_similarity: gaussian_weights, sigma 1.5, use_sample_covariance=False, "
@@ -84,19 +97,29 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0, cap: float = PSNR_CAP_DB
     return PsnrValue(value=min(raw, cap), raw=raw, capped=raw >= cap)
 
 
-def ssim(a: Tensor, b: Tensor, implementation: str = "torchmetrics") -> float:
+def _ssim_map(a: Tensor, b: Tensor) -> Tensor:
+    """The Gaussian SSIM map of torchmetrics ``(1, 3, H, W)`` (window 11, sigma 1.5, data_range 1, reflect padding)."""
+    _, full_map = structural_similarity_index_measure(
+        a, b, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0, k1=0.01, k2=0.03, return_full_image=True
+    )
+    return full_map
+
+
+def ssim(a: Tensor, b: Tensor, implementation: str = "cropped") -> float:
     """SSIM between two ``(1, 3, H, W)`` images with a named implementation (:data:`SSIM_IMPLEMENTATIONS`)."""
     if a.shape != b.shape:
         raise ValueError(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    if implementation == "torchmetrics":
+    if implementation in ("cropped", "torchmetrics"):
+        if min(a.shape[-2:]) <= 2 * SSIM_BORDER:
+            raise ValueError(f"SSIM needs images larger than {2 * SSIM_BORDER} px, got {tuple(a.shape[-2:])}")
         # float64 on purpose: in float32, E[x²] − μ² cancels badly on flat regions and identical images
         # score 0.9996; identical inputs are exactly 1 by definition, so skip the (slow) float64 filter then
         if torch.equal(a, b):
             return 1.0
-        value = structural_similarity_index_measure(
-            a, b, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0, k1=0.01, k2=0.03
-        )
-        return float(value)
+        full_map = _ssim_map(a.double(), b.double())
+        if implementation == "cropped":
+            full_map = full_map[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER]
+        return float(full_map.mean())
     if implementation == "skimage":
         try:
             from skimage.metrics import structural_similarity

@@ -1,9 +1,11 @@
 """Named evaluation protocols: what is compared with what, at which resolution, with which metric settings.
 
-``reason_edit`` is SmartEdit's published protocol for the Reason-Edit benchmark. ``advancededit`` is ours
-for AdvancedEdit-Eval (the paper does not publish its protocol): SmartEdit's protocol applied to the
-record's mask and target caption, plus edited-vs-target metrics where a target image exists. Every
-report carries :meth:`Protocol.describe` so its numbers name their protocol, resolution and backbones.
+``reason_edit`` is SmartEdit's published protocol for the Reason-Edit benchmark and reproduces the
+computation of SmartEdit's ``test/metrics_evaluation.py`` (torchmetrics <= 1.4.1, transformers 4.28):
+border-cropped SSIM, PIL-resized CLIP inputs. ``advancededit`` is ours for AdvancedEdit-Eval (the paper does
+not publish its protocol): SmartEdit's computation applied to the record's mask and target caption, plus
+edited-vs-target metrics where a target image exists. Every report carries :meth:`Protocol.describe` so
+its numbers name their protocol, resolution, SSIM average, CLIP preprocessing and backbones.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from insightedit.errors import UserError
-from insightedit.evaluation.clip_score import crop_to_mask_bbox
+from insightedit.evaluation.clip_score import CLIP_PREPROCESSING, crop_to_mask_bbox
 from insightedit.evaluation.lpips import LpipsMetric
 from insightedit.evaluation.metrics import (
     SSIM_IMPLEMENTATIONS,
@@ -45,14 +47,16 @@ class Protocol:
     viescore: str
     with_target_metrics: bool
     groups: str
+    clip_preprocessing: str
 
     def describe(self) -> dict[str, object]:
         """Everything a report must print next to this protocol's numbers."""
         info: dict[str, object] = dataclasses.asdict(self)
-        info["resize"] = f"{self.resolution}x{self.resolution}, images bicubic, masks nearest"
-        info["psnr"] = "torchmetrics PSNR, data_range 1, per-image value capped at PSNR_CAP_DB"
+        info["resize"] = f"{self.resolution}x{self.resolution}, images PIL bicubic, masks PIL nearest"
+        info["psnr"] = "torchmetrics PSNR in float64, data_range 1, per-image value capped at PSNR_CAP_DB"
         info["ssim"] = SSIM_IMPLEMENTATIONS[self.ssim_implementation]
         info["lpips_inputs"] = "[-1, 1]"
+        info["clip_preprocess"] = CLIP_PREPROCESSING[self.clip_preprocessing]
         return info
 
 
@@ -65,7 +69,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "reason_edit": Protocol(
         name="reason_edit",
         resolution=256,
-        ssim_implementation="torchmetrics",
+        ssim_implementation="cropped",
         lpips_net="squeeze",
         preservation=_SMARTEDIT_PRESERVATION.format(r=256) + "; mask = the benchmark's *_mask.jpg",
         clip=(
@@ -75,11 +79,12 @@ PROTOCOLS: dict[str, Protocol] = {
         viescore="SC judge sees (source, edited) + the instruction before 'CLIP:'; PQ judge sees edited",
         with_target_metrics=False,
         groups="understanding = subsets 1-5 pooled; reasoning = subset 6 reported apart",
+        clip_preprocessing="pil",
     ),
     "advancededit": Protocol(
         name="advancededit",
         resolution=256,
-        ssim_implementation="torchmetrics",
+        ssim_implementation="cropped",
         lpips_net="squeeze",
         preservation=_SMARTEDIT_PRESERVATION.format(r=256) + "; mask = the record's object segmentation",
         clip=(
@@ -89,6 +94,7 @@ PROTOCOLS: dict[str, Protocol] = {
         viescore="SC judge sees (source, edited) + the record's first instruction; PQ judge sees edited",
         with_target_metrics=True,
         groups="all records pooled; per task_type (remove / add / replace) alongside",
+        clip_preprocessing="pil",
     ),
 }
 
@@ -98,8 +104,9 @@ def get_protocol(
     resolution: int | None = None,
     lpips_net: str | None = None,
     ssim_implementation: str | None = None,
+    clip_preprocessing: str | None = None,
 ) -> Protocol:
-    """Look up a protocol by name, optionally overriding resolution, LPIPS backbone or SSIM implementation."""
+    """Look up a protocol by name, optionally overriding resolution, LPIPS backbone, SSIM or CLIP preprocessing."""
     if name not in PROTOCOLS:
         raise UserError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
     protocol = PROTOCOLS[name]
@@ -115,8 +122,16 @@ def get_protocol(
         changes["lpips_net"] = lpips_net
     if ssim_implementation is not None:
         if ssim_implementation not in SSIM_IMPLEMENTATIONS:
-            raise UserError(f"unknown SSIM implementation {ssim_implementation!r}")
+            raise UserError(
+                f"unknown SSIM implementation {ssim_implementation!r}; choose from {', '.join(SSIM_IMPLEMENTATIONS)}"
+            )
         changes["ssim_implementation"] = ssim_implementation
+    if clip_preprocessing is not None:
+        if clip_preprocessing not in CLIP_PREPROCESSING:
+            raise UserError(
+                f"unknown CLIP preprocessing {clip_preprocessing!r}; choose from {', '.join(CLIP_PREPROCESSING)}"
+            )
+        changes["clip_preprocessing"] = clip_preprocessing
     return dataclasses.replace(protocol, **changes) if changes else protocol
 
 

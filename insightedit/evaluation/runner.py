@@ -48,7 +48,9 @@ class Scorers:
 def load_scorers(protocol: Protocol, options: EvalOptions, vie: VIEScorer | None = None) -> Scorers:
     """Load LPIPS and CLIP as the options say (raises ``UserError`` naming any missing weights)."""
     lpips = build_lpips(options.lpips, protocol.lpips_net, options.lpips_weights, options.device)
-    clip = ClipScorer.from_pretrained(options.clip_model, options.device) if options.clip_model else None
+    clip = None
+    if options.clip_model:
+        clip = ClipScorer.from_pretrained(options.clip_model, options.device, protocol.clip_preprocessing)
     return Scorers(lpips=lpips, clip=clip, vie=vie)
 
 
