@@ -1,20 +1,27 @@
-"""Robust image loading and the paired geometric transform shared by source, target and mask.
+"""Image loading for the data pipeline and the paired geometric transform shared by source, target and mask.
 
-Every image goes through :func:`load_rgb`: EXIF orientation, palette, CMYK, 16-bit and alpha modes are
-fixed exactly (or by a stated rule) and counted; a missing, truncated or undecodable file raises
-:class:`BadSample` with a one-line reason that the caller counts and skips.
+Every image is read by the package's one reader, :func:`insightedit.image_reader.load_image` (re-exported
+here as :func:`load_rgb` and :func:`probe_image`): EXIF orientation, palette, CMYK, 16-bit, float and alpha
+modes are fixed by its stated rules and counted; a missing, truncated, oversized or undecodable file
+raises :class:`BadSample` with a one-line reason that the caller counts and skips.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import v2
+
+from insightedit.image_reader import ALPHA_BACKGROUND as ALPHA_BACKGROUND
+from insightedit.image_reader import BadSample as BadSample
+from insightedit.image_reader import LoadedImage as LoadedImage
+from insightedit.image_reader import UnreadableImage as UnreadableImage
+from insightedit.image_reader import load_image as load_image
+from insightedit.image_reader import load_rgb as load_rgb
+from insightedit.image_reader import probe_image as probe_image
 
 # OpenAI CLIP normalisation (also LLaVA's CLIPImageProcessor).
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -24,104 +31,6 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 # official pipeline saves targets at short side 640 with sides floored to a multiple of 8, which
 # changes the aspect by up to ~1.3%; 2% keeps those and rejects real mismatches.
 ASPECT_TOLERANCE = 0.02
-
-# Alpha is composited over this background (white), the usual convention for cut-out images.
-ALPHA_BACKGROUND = (255, 255, 255)
-
-
-class BadSample(Exception):
-    """A record or file that cannot be used; ``str(error)`` is the one-line reason."""
-
-
-@dataclass
-class LoadedImage:
-    """An RGB image and the exact fixes applied while loading it."""
-
-    image: Image.Image
-    fixes: list[str] = field(default_factory=list)
-    transposed: bool = False
-    raw_size: tuple[int, int] = (0, 0)
-    orientation: int = 1
-
-
-def _to_8bit_rgb(image: Image.Image, fixes: list[str]) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB, recording which conversion was needed."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # PIL's convert("L") clips 16-bit values instead of scaling them; scale by 255/65535.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
-        gray = np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8)
-        fixes.append("16-bit to 8-bit")
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-        fixes.append("float to 8-bit")
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        fixes.append("palette to RGB")
-        mode = image.mode
-        if mode == "RGB":
-            return image
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-        fixes.append("alpha composited over white")
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode == "CMYK":
-        fixes.append("CMYK to RGB")
-    elif mode not in ("L", "1"):
-        fixes.append(f"{mode} to RGB")
-    return image.convert("RGB")
-
-
-def load_rgb(path: str | Path) -> LoadedImage:
-    """Open ``path`` as 8-bit RGB with EXIF orientation applied; raise :class:`BadSample` if unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadSample(f"missing image {path}")
-    try:
-        with Image.open(path) as opened:
-            raw_size = opened.size
-            opened.load()
-            fixes: list[str] = []
-            orientation = int(opened.getexif().get(0x0112, 1) or 1)
-            oriented = ImageOps.exif_transpose(opened)
-            transposed = orientation in range(2, 9)
-            if transposed:
-                fixes.append("EXIF orientation applied")
-            rgb = _to_8bit_rgb(oriented, fixes)
-            if rgb is opened:
-                rgb = rgb.copy()
-    except UnidentifiedImageError:
-        raise BadSample(f"not an image or corrupt: {path}") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        reason = "truncated" if "truncated" in str(error) else "corrupt"
-        raise BadSample(f"{reason} image {path} ({error})") from None
-    if rgb.width < 1 or rgb.height < 1:
-        raise BadSample(f"empty image {path}")
-    return LoadedImage(rgb, fixes, transposed, raw_size, orientation)
-
-
-def probe_image(path: str | Path) -> tuple[int, int]:
-    """Read only the header of ``path``; return its displayed (width, height) or raise :class:`BadSample`."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadSample(f"missing image {path}")
-    try:
-        with Image.open(path) as opened:
-            width, height = opened.size
-            if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                width, height = height, width
-    except UnidentifiedImageError:
-        raise BadSample(f"not an image or corrupt: {path}") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadSample(f"corrupt image {path} ({error})") from None
-    return width, height
 
 
 def same_aspect(size_a: Sequence[int], size_b: Sequence[int], tolerance: float = ASPECT_TOLERANCE) -> bool:

@@ -29,6 +29,7 @@ from insightedit.evaluation.metrics import (
     ssim,
     to_unit_tensor,
 )
+from insightedit.image_reader import load_image, to_rgb
 
 ImageSource = Path | Image.Image
 MaskSource = Path | np.ndarray | Callable[[], np.ndarray]
@@ -162,16 +163,16 @@ class PreparedSample:
 
 
 def _load_image(image: ImageSource) -> Image.Image:
+    """An RGB image by the package's one reader; raise :class:`UnreadableImage` with its one-line reason."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as opened:
-        return opened.convert("RGB")
+        return to_rgb(image)
+    return load_image(image, mode="RGB").image
 
 
 def _load_mask(mask: MaskSource) -> Image.Image:
+    """An ``L`` mask: a file by the same reader and rules as images (then luma), an array as given."""
     if isinstance(mask, Path):
-        with Image.open(mask) as opened:
-            return opened.convert("L")
+        return load_image(mask, mode="L").image
     values = np.asarray(mask() if callable(mask) else mask)
     if values.ndim != 2:
         raise ValueError(f"expected an (H, W) mask, got shape {values.shape}")

@@ -10,61 +10,37 @@ size, so any aspect ratio goes in and comes out unchanged.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import v2
 
-from insightedit.data.images import CLIP_MEAN, CLIP_STD, BadSample, load_rgb
+from insightedit.data.images import CLIP_MEAN, CLIP_STD
 from insightedit.errors import UserError
+from insightedit.image_reader import DEFAULT_MAX_PIXELS, UnreadableImage, load_rgb, to_rgb
 
 ImageInput = Image.Image | torch.Tensor
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb threshold
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as 8-bit RGB (EXIF orientation applied) or raise :class:`UserError` with the reason.
+    """Open ``path`` with the package's one reader as 8-bit RGB, or raise :class:`UserError` with its reason.
 
     The header is read first: an image of more than ``max_pixels`` pixels is refused before it is
     decoded (a decompression bomb can claim gigapixels in a few hundred bytes).
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"image {path} not found")
-    if not path.is_file():
-        raise UserError(f"image {path} is not a file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"image {path} is too large to decode safely (decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"image {path} is unreadable ({error})") from None
-    if width * height > max_pixels:
-        raise UserError(
-            f"image {path} has {width}x{height} = {width * height:,} pixels, more than the safe limit of "
-            f"{max_pixels:,} (decompression bomb?); raise --max-pixels if you trust it"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked above against our limit
-            return load_rgb(path).image
-    except BadSample as error:
+        return load_rgb(path, max_pixels=max_pixels).image
+    except UnreadableImage as error:
         raise UserError(str(error)) from None
 
 
 def to_unit_tensor(image: ImageInput) -> torch.Tensor:
-    """One image as float32 (3, H, W) in [0, 1]; PIL images of any mode are converted to RGB."""
+    """One image as float32 (3, H, W) in [0, 1]; PIL images of any mode become RGB by the reader's rules."""
     if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        array = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"images must be PIL images or tensors, got {type(image).__name__}")
