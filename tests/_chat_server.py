@@ -26,11 +26,15 @@ def image_count(body: dict) -> int:
 class ChatServer:
     """A bounded chat-completions server on 127.0.0.1 with an ephemeral port; records every request."""
 
-    def __init__(self, responder: BodyResponder, delay_s: float = 0.0) -> None:
+    def __init__(self, responder: BodyResponder, delay_s: float = 0.0, echo_errors: bool = False) -> None:
+        """``echo_errors``: a non-200 reply's body is an error object that echoes the request's Authorization
+        header and path (query included), as careless servers do; otherwise every body is a completion."""
         self.responder = responder
         self.delay_s = delay_s
+        self.echo_errors = echo_errors
         self.requests: list[dict] = []
         self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -42,6 +46,7 @@ class ChatServer:
                 with outer.lock:
                     outer.requests.append(body)
                     outer.headers.append(dict(self.headers))
+                    outer.paths.append(self.path)
                     number = len(outer.requests)
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
@@ -49,6 +54,9 @@ class ChatServer:
                     time.sleep(outer.delay_s)
                     status, reply = outer.responder(body, number)
                     payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
+                    if outer.echo_errors and status != 200:
+                        echoed = f"{reply}; you sent Authorization: {self.headers.get('Authorization')} to {self.path}"
+                        payload = json.dumps({"error": {"message": echoed}})
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from insightedit.atomic_write import OutputNotWritten, atomic_write, explain
+from insightedit.redaction import redact, redact_value
 
 METRICS: tuple[str, ...] = ("clip", "psnr", "ssim", "lpips", "psnr_target", "ssim_target", "lpips_target")
 VIESCORE_KEYS: tuple[str, ...] = ("viescore_O/10", "viescore_SC", "viescore_PQ")
@@ -65,7 +66,7 @@ def _cell(value: object, digits: int) -> str:
 
 
 def format_table(report: dict[str, object]) -> str:
-    """A plain-text table: one row per group, the paper's columns, headed by what the numbers mean."""
+    """A plain-text table: one row per group, the paper's columns, headed by what the numbers mean (secrets masked)."""
     groups: dict[str, dict[str, object]] = report["groups"]  # type: ignore[assignment]
     columns = [
         ("n", "n", 0),
@@ -97,12 +98,14 @@ def format_table(report: dict[str, object]) -> str:
         f"records {counts['records']}, scored {counts['scored']}, missing {counts['missing']}, "  # type: ignore[index]
         f"unexpected {counts['unexpected']}, skipped {counts['skipped']}"
     )  # type: ignore[index]
-    return "\n".join(text)
+    return redact("\n".join(text))
 
 
 def _json_safe(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return redact(value)  # a judge's error that echoed its API key
     if isinstance(value, dict):
         return {key: _json_safe(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -111,7 +114,7 @@ def _json_safe(value: object) -> object:
 
 
 def write_json(report: dict[str, object], path: Path) -> None:
-    """Write the report as strict JSON (non-finite floats become strings), atomically."""
+    """Write the report as strict JSON (non-finite floats become strings, secrets masked), atomically."""
     try:
         with atomic_write(path, "w", encoding="utf-8") as stream:
             stream.write(json.dumps(_json_safe(report), indent=2) + "\n")
@@ -124,10 +127,10 @@ def write_csv(rows: Sequence[dict[str, object]], path: Path, header: dict[str, o
     keys = list(dict.fromkeys(key for row in rows for key in row))
     try:
         with atomic_write(path, "w", encoding="utf-8") as stream:  # newline="" as the csv module wants
-            stream.write("# " + "; ".join(f"{key}={value}" for key, value in header.items()) + "\n")
+            stream.write("# " + "; ".join(f"{key}={redact(str(value))}" for key, value in header.items()) + "\n")
             writer = csv.DictWriter(stream, fieldnames=keys)
             writer.writeheader()
             for row in rows:
-                writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in keys})
+                writer.writerow({key: "" if row.get(key) is None else redact_value(row.get(key)) for key in keys})
     except OSError as error:
         raise OutputNotWritten(f"cannot write the report {path}: {explain(error)}") from error

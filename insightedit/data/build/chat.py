@@ -22,6 +22,7 @@ from insightedit.errors import UserError
 from insightedit.evaluation.viescore.cache import ReplyCache, reply_key
 from insightedit.evaluation.viescore.judges import Judge, JudgeError, OpenAICompatibleJudge, TransformersVLMJudge
 from insightedit.evaluation.viescore.prompts import RETRY_SUFFIX, _json_objects
+from insightedit.redaction import redact
 
 T = TypeVar("T")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -124,7 +125,7 @@ class JsonChat:
         try:
             reply = self.chat.ask(text, images)
         except JudgeError as error:
-            raise StepFailure(f"chat error: {error}") from None
+            raise StepFailure(redact(f"chat error: {error}")) from None
         if self.cache is not None:
             self.cache.put(key, reply, self.chat.name)
         return reply
@@ -157,4 +158,4 @@ class JsonChat:
                 value, problem = self._read(self._send(text, images, key), read)
             if value is not None:
                 return value
-        raise StepFailure(f"unparseable reply after {attempts} attempts: {problem}")
+        raise StepFailure(redact(f"unparseable reply after {attempts} attempts: {problem}"))

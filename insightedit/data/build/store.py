@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image
 
 from insightedit.data.build.config import STEP_NAMES
+from insightedit.redaction import redact
 
 SOURCE_DIR = "0_source_img"
 RECAPTION_DIR = "1_caption_object_extraction/1_1_recaption"
@@ -160,13 +161,14 @@ class BuildStore:
         """Record why (image, step) failed (the step stays not done; ``--retry-failed`` retries it).
 
         ``details`` (a traceback, for errors that are not a known kind of bad input) is kept beside the reason.
+        Secrets (an API key a server echoed in its error) are masked in both.
         """
         previous = self.failure(step, image_id)
         attempts = int(previous.get("attempts", 0)) + 1 if previous else 1
-        failure = {"step": step, "name": STEP_NAMES[step], "image_id": image_id, "reason": reason,
+        failure = {"step": step, "name": STEP_NAMES[step], "image_id": image_id, "reason": redact(reason),
                    "attempts": attempts, "rank": rank}  # fmt: skip
         if details:
-            failure["traceback"] = details
+            failure["traceback"] = redact(details)
         atomic_write_json(self.failure_path(step, image_id), failure)
 
     def log(self, rank: int, entry: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from insightedit.data.advancededit import load_advancededit
 from insightedit.data.build.config import STEP_NAMES, BuildConfig
 from insightedit.data.build.store import SUMMARY_NAME, BuildStore, atomic_write_json, step_label
 from insightedit.data.records import MANIFEST_NAME, TASK_TYPES, EditRecord, write_manifest
+from insightedit.redaction import redact
 
 
 def _step_counts(store: BuildStore, ids: list[str]) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]]]:
@@ -29,7 +30,8 @@ def _step_counts(store: BuildStore, ids: list[str]) -> tuple[dict[str, dict[str,
                 tally["done"] += 1
             elif (failure := store.failure(number, image_id)) is not None:
                 tally["failed"] += 1
-                failures.append({"step": step_label(number), "image_id": image_id, "reason": failure["reason"]})
+                reason = redact(str(failure["reason"]))  # also failures written before secrets were masked
+                failures.append({"step": step_label(number), "image_id": image_id, "reason": reason})
             elif number > 1 and not store.is_done(number - 1, image_id):
                 tally["blocked"] += 1
             else:
@@ -94,7 +96,7 @@ def finalize(
 
 
 def format_summary(summary: dict[str, Any], root: str, max_listed: int = 20) -> str:
-    """The summary as lines for the terminal."""
+    """The summary as lines for the terminal (secrets masked)."""
     lines = [f"built {root}: {summary['images']} images, steps {','.join(map(str, summary['steps_run']))}"]
     for label, counts in summary["steps"].items():
         now = summary["this_run"].get(label)
@@ -117,4 +119,4 @@ def format_summary(summary: dict[str, Any], root: str, max_listed: int = 20) -> 
     if summary["failures"]:
         lines.append(f"failures: {len(summary['failures'])} (in failures/; rerun with --retry-failed to retry)")
         lines += [f"  {f['step']} {f['image_id']}: {f['reason']}" for f in summary["failures"][:max_listed]]
-    return "\n".join(lines)
+    return redact("\n".join(lines))

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from insightedit.redaction import redact
+
 
 def reply_key(judge: str, prompt: str, images: Sequence[bytes], attempt: int) -> str:
     """SHA-256 over the judge id, the prompt, each image's bytes and the attempt number."""
@@ -42,10 +44,10 @@ class ReplyCache:
         return str(json.loads(path.read_text(encoding="utf-8"))["reply"])
 
     def put(self, key: str, reply: str, judge: str) -> None:
-        """Store a reply (with the judge id, for people reading the cache)."""
+        """Store a reply (with the judge id, for people reading the cache); secrets in either are masked."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump({"judge": judge, "reply": reply}, stream)
+            json.dump({"judge": redact(judge), "reply": redact(reply)}, stream)
         os.replace(temporary, path)

@@ -3,7 +3,9 @@
 A judge answers ``ask(prompt, images) -> str``, images being PNG bytes. The HTTP judge sends them as
 base64 data URLs, bounds concurrent requests with a semaphore, retries transport errors, 429 and 5xx
 with exponential backoff, and times out. The API key comes from an environment variable and is never
-logged or put in an error message.
+logged or put in an error message: it, a key in the URL's query (``?api-key=``) and anything that looks
+like a credential are masked (:func:`insightedit.redaction.redact`) in the judge's name (the report's
+judge label and the reply cache) and in every error, including a server's error body that echoes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Protocol
 
 import httpx
 from PIL import Image
+
+from insightedit.redaction import redact, register_secret, register_url_secrets
 
 
 class JudgeError(RuntimeError):
@@ -65,16 +69,20 @@ class OpenAICompatibleJudge:
         self.max_concurrency = max(1, max_concurrency)
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.name = f"openai-compatible:{self.base_url}:{model}"
+        register_url_secrets(self.base_url)
+        url = httpx.URL(self.base_url)  # a query (``?api-key=…``) stays a query after the path is extended
+        self._endpoint = url.copy_with(path=url.path.rstrip("/") + "/chat/completions") if url.query else None
+        self.name = redact(f"openai-compatible:{self.base_url}:{model}")
         self._semaphore = threading.BoundedSemaphore(self.max_concurrency)
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(api_key_env)
+        register_secret(key)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.Client(timeout=timeout_s, headers=headers)
 
     def __repr__(self) -> str:
-        return f"OpenAICompatibleJudge({self.base_url!r}, {self.model!r}, api_key_env={self.api_key_env!r})"
+        return redact(f"OpenAICompatibleJudge({self.base_url!r}, {self.model!r}, api_key_env={self.api_key_env!r})")
 
     def _payload(self, prompt: str, images: Sequence[bytes]) -> dict[str, object]:
         content: list[dict[str, object]] = [
@@ -113,7 +121,7 @@ class OpenAICompatibleJudge:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 with self._semaphore:
-                    response = self._client.post(f"{self.base_url}/chat/completions", json=payload)
+                    response = self._client.post(self._endpoint or f"{self.base_url}/chat/completions", json=payload)
             except httpx.HTTPError as error:
                 last = f"{type(error).__name__}"
                 continue
@@ -121,12 +129,12 @@ class OpenAICompatibleJudge:
                 last = f"HTTP {response.status_code}"
                 continue
             if response.status_code != 200:
-                raise JudgeError(f"HTTP {response.status_code} from {self.base_url}: {response.text[:200]}")
+                raise JudgeError(redact(f"HTTP {response.status_code} from {self.base_url}: {response.text[:200]}"))
             try:
                 return self._reply_text(response.json())
             except ValueError as error:
                 raise JudgeError("response is not JSON") from error
-        raise JudgeError(f"{self.base_url} failed after {self.max_retries + 1} attempts (last: {last})")
+        raise JudgeError(redact(f"{self.base_url} failed after {self.max_retries + 1} attempts (last: {last})"))
 
     def close(self) -> None:
         """Close the HTTP connection pool."""

@@ -22,6 +22,7 @@ from insightedit.evaluation.viescore.prompts import (
     pq_prompt,
     sc_prompt,
 )
+from insightedit.redaction import redact
 
 
 @dataclass
@@ -73,7 +74,7 @@ class VIEScorer:
     @property
     def label(self) -> str:
         """The judge and prompt version, printed next to every VIEScore."""
-        return f"{self.judge.name} ({PROMPT_VERSION})"
+        return redact(f"{self.judge.name} ({PROMPT_VERSION})")
 
     def _ask(
         self, kind: str, instruction: str, images: Sequence[bytes], result: VIEScoreResult
@@ -89,7 +90,7 @@ class VIEScorer:
                     reply = self.judge.ask(prompt, images)
                 except JudgeError as error:
                     result.attempts[kind] = attempt + 1
-                    return None, f"judge error: {error}"
+                    return None, redact(f"judge error: {error}")
                 finally:
                     result.requests_sent += 1
                 if self.cache is not None:
@@ -99,7 +100,7 @@ class VIEScorer:
                 return parse_scores(reply, count=2), None
             except ReplyParseError as error:
                 last_error = str(error)
-        return None, f"unparseable reply after {attempts} attempts: {last_error}"
+        return None, redact(f"unparseable reply after {attempts} attempts: {last_error}")
 
     def score(self, item: VIEScoreItem) -> VIEScoreResult:
         """SC on (source, edited, instruction) and PQ on the edited image."""
