@@ -5,17 +5,21 @@ weights), the trained weights are loaded, and :meth:`InsightEditPipeline.save_pr
 folder (layout: :mod:`insightedit.pipeline.folder`). A tiny model's folder holds every weight. A full-size
 folder references the frozen LLaVA base by the hub id or folder the checkpoint was trained on, unless
 ``--include-base`` copies it (13.5 GB); everything else (LoRA, [MM] rows, bridge, UNet, VAE) is included.
+
+The folder is written to a hidden temporary folder beside ``--out``, checked (every weight file and
+config reads back whole) and only then renamed to ``--out``: a full disk or a crash never leaves a
+half-written model folder, and with ``--overwrite`` the old folder stays until the new one is complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from insightedit.atomic_write import OutputNotWritten, atomic_folder, check_writable_folder, explain
 from insightedit.errors import UserError
 
 DERIVED_BUFFERS = ("generation.null_f_txt",)  # recomputed exactly from the frozen text encoder
@@ -64,22 +68,35 @@ def export(
     training_seed: int = 0,
 ) -> Path:
     """Write the model folder of ``ckpt_path`` to ``out``; return ``out``."""
+    from safetensors import SafetensorError
+
     from insightedit.pipeline import InsightEditPipeline
+    from insightedit.pipeline.folder import read_model_index
 
     out = Path(out)
     occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if occupied and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_writable_folder(out.parent, f"the model folder {out.name}")  # before the checkpoint is read
     system, resolution = load_system(ckpt_path, training_seed)
-    if occupied:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
     pipeline = InsightEditPipeline.from_system(system, resolution=resolution)
     base = None
     if pipeline.preset == "full" and not include_base:
         base = (system.hparams.get("comprehension") or {}).get("pretrained")
         if not base:
             raise UserError("the checkpoint names no LLaVA base (comprehension.pretrained); use --include-base")
-    return pipeline.save_pretrained(out, base=base)
+    kept = f"the existing {out} is unchanged" if occupied else "nothing was left behind"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(out) as staging:
+            pipeline.save_pretrained(staging, base=base)
+            try:
+                read_model_index(staging)  # every file reads back whole (a full disk can truncate silently)
+            except UserError as error:
+                raise OSError(f"the written folder does not read back ({error})") from error
+    except (OSError, SafetensorError) as error:
+        raise OutputNotWritten(f"cannot write the model folder {out}: {explain(error)}; {kept}") from error
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -45,8 +45,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         with atomic_write(target) as handle:
             torch.save(obj, handle)  # a file object, so a failed write is the OSError, not "unexpected pos"
     except OSError as error:
-        previous = "the previous checkpoint there is intact" if target.is_file() else "no earlier file was replaced"
-        raise CheckpointNotWritten(f"could not write checkpoint {target}: {explain(error)}; {previous}") from error
+        raise CheckpointNotWritten(f"could not write checkpoint {target}: {explain(error)}; {_kept(target)}") from error
+
+
+def _kept(target: Path) -> str:
+    """What a failed save left as it was: the previous file at ``target``, or the other checkpoints beside it."""
+    if target.is_file():
+        return f"the previous {target.name} is intact"
+    others = sorted(path.name for path in target.parent.glob("*.ckpt") if path.is_file())
+    if others:
+        return f"the earlier checkpoints there are intact ({', '.join(others)})"
+    return "no earlier checkpoint was written there"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
