@@ -12,9 +12,42 @@ from typing import Any
 
 from insightedit.commands.edit import add_model_arguments, check_model_arguments
 from insightedit.errors import UserError
+from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+
+
+def edit_upload(
+    pipeline: Any,
+    image_path: str | None,
+    instruction: str,
+    scale: float,
+    text: float,
+    image_g: float,
+    steps: float,
+    seed: float,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Any:
+    """The demo's handler: read the uploaded file with the package's one reader, edit it, return the PIL result.
+
+    Every problem with the upload or the instruction is a :class:`UserError` (shown as one line in the app).
+    """
+    if image_path is None:
+        raise UserError("upload an image first")
+    if not instruction or not instruction.strip():
+        raise UserError("type an instruction: say what to change")
+    image = read_image(image_path, max_pixels=max_pixels)
+    result = pipeline(
+        image,
+        instruction,
+        image_scale=scale,
+        text_guidance=text,
+        image_guidance=image_g,
+        num_inference_steps=int(steps),
+        seed=int(seed),
+    )
+    return result.images[0]
 
 
 def build_demo(pipeline: Any, default_steps: int = 20) -> Any:
@@ -24,27 +57,20 @@ def build_demo(pipeline: Any, default_steps: int = 20) -> Any:
 
     default_scale = float(pipeline.generation.unet.image_scale)
 
-    def edit(image: Any, instruction: str, scale: float, text: float, image_g: float, steps: float, seed: float) -> Any:
-        if image is None:
-            raise gr.Error("upload an image first")
-        if not instruction or not instruction.strip():
-            raise gr.Error("type an instruction: say what to change")
-        result = pipeline(
-            image,
-            instruction,
-            image_scale=scale,
-            text_guidance=text,
-            image_guidance=image_g,
-            num_inference_steps=int(steps),
-            seed=int(seed),
-        )
-        return result.images[0]
+    def edit(
+        image: str | None, instruction: str, scale: float, text: float, image_g: float, steps: float, seed: float
+    ) -> Any:
+        try:
+            return edit_upload(pipeline, image, instruction, scale, text, image_g, steps, seed)
+        except UserError as error:
+            raise gr.Error(str(error)) from None
 
     with gr.Blocks(title="InsightEdit") as demo:
         gr.Markdown("## InsightEdit: instruction-based image editing")
         with gr.Row():
             with gr.Column():
-                source = gr.Image(type="pil", label="Image", elem_id="source")
+                # the uploaded file itself (no conversion by Gradio): read by the package's one reader
+                source = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="source")
                 instruction = gr.Textbox(label="Instruction", placeholder="remove the cup", elem_id="instruction")
                 scale = gr.Slider(0.0, 2.0, value=default_scale, step=0.05, label="λ (image branch)", elem_id="lambda")
                 text = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Text guidance", elem_id="text-guidance")

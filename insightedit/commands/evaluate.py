@@ -2,7 +2,9 @@
 
 Predictions are named ``<record id>.png`` under ``--pred-dir`` (Reason-Edit ids are
 ``<subset folder>/<source stem>``); missing and unexpected files are listed in the report, never dropped
-silently. Prints a table and writes JSON (``--out``) and CSV (same name, ``.csv``).
+silently; a prediction or source image the package's reader refuses (truncated, empty, not an image, over
+the pixel limit) is listed under ``skipped`` with the reader's one-line reason. Prints a table and writes
+JSON (``--out``) and CSV (same name, ``.csv``).
 """
 
 from __future__ import annotations
@@ -120,6 +122,13 @@ def main(argv: list[str]) -> int:
         if names:
             shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")  # type: ignore[index]
             print(f"{title} ({len(names)}): {shown}")  # type: ignore[arg-type]
+    skipped: dict[str, str] = report["skipped"]  # type: ignore[assignment]
+    if skipped:
+        print(f"skipped ({len(skipped)}), not scored:")
+        for record_id, reason in list(skipped.items())[:20]:
+            print(f"  {record_id}: {reason}")
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more (all in {args.out})")
     csv_path = args.out.with_suffix(".csv")
     header = {
         key: report[key] for key in ("protocol_name", "resolution", "lpips", "clip_model", "judge", "psnr_cap_db")

@@ -70,7 +70,7 @@ def reason_kind(reason: str) -> str:
     for kind in (
         "not UTF-8", "not a record object", "missing required field", "duplicate id", "invalid instruction",
         "invalid bbox", "missing task_type",
-        "invalid RLE", "not an image", "missing image", "truncated", "corrupt", "empty instruction",
+        "invalid RLE", "not an image", "missing image", "truncated", "corrupt", "too large", "empty instruction",
         "malformed", "size mismatch", "does not match source", "no edited image", "ambiguous",
         "unknown task_type", "no target", "no segmentation",
     ):  # fmt: skip

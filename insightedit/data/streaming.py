@@ -20,7 +20,7 @@ from litdata import StreamingDataLoader, StreamingDataset, optimize
 from PIL import Image
 
 from insightedit.data.dataset import split_by_source
-from insightedit.data.images import BadSample
+from insightedit.data.images import BadSample, load_image
 from insightedit.data.records import EditRecord, InvalidMask, load_records
 from insightedit.data.samples import SampleBuilder, SampleConfig, collate_samples, load_pair
 
@@ -98,9 +98,9 @@ def optimize_dataset(
     return {"written": written, "bad": bad, "total": len(record_set) + len(record_set.bad)}
 
 
-def _decode(data: bytes, mode: str) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert(mode)
+def _decode(data: bytes, mode: str, name: str) -> Image.Image:
+    """A stored PNG by the package's one reader (same rules and limit as files)."""
+    return load_image(data, mode=mode, name=name).image
 
 
 class StreamingEditDataset(StreamingDataset):
@@ -123,9 +123,9 @@ class StreamingEditDataset(StreamingDataset):
         )  # fmt: skip
         return self.builder.from_images(
             record,
-            _decode(item["source"], "RGB"),
-            _decode(item["target"], "RGB"),
-            _decode(item["mask"], "L"),
+            _decode(item["source"], "RGB", f"{item['record_id']} source"),
+            _decode(item["target"], "RGB", f"{item['record_id']} target"),
+            _decode(item["mask"], "L", f"{item['record_id']} mask"),
             self.rng,
         )
 

@@ -20,6 +20,7 @@ from insightedit.evaluation.protocols import (
 )
 from insightedit.evaluation.report import aggregate_groups
 from insightedit.evaluation.viescore.scorer import VIEScoreItem, VIEScorer
+from insightedit.image_reader import UnreadableImage
 
 
 @dataclass
@@ -54,12 +55,24 @@ def load_scorers(protocol: Protocol, options: EvalOptions, vie: VIEScorer | None
     return Scorers(lpips=lpips, clip=clip, vie=vie)
 
 
-def score_samples(samples: Sequence[EvalSample], protocol: Protocol, scorers: Scorers) -> list[dict[str, object]]:
-    """One row per sample: id, group, subset and every metric the scorers provide."""
+def score_samples(
+    samples: Sequence[EvalSample], protocol: Protocol, scorers: Scorers, skipped: dict[str, str] | None = None
+) -> list[dict[str, object]]:
+    """One row per sample: id, group, subset and every metric the scorers provide.
+
+    With ``skipped``, a sample whose image or mask the reader refuses goes there (id → the reader's one-line
+    reason) instead of raising :class:`UnreadableImage`.
+    """
     rows: list[dict[str, object]] = []
     vie_items: list[VIEScoreItem] = []
     for sample in samples:
-        prepared = prepare(sample, protocol)
+        try:
+            prepared = prepare(sample, protocol)
+        except UnreadableImage as error:
+            if skipped is None:
+                raise
+            skipped[sample.id] = str(error)
+            continue
         row: dict[str, object] = {"id": sample.id, "group": sample.group, "subset": sample.subset}
         row.update(pixel_scores(prepared, protocol, scorers.lpips))
         if scorers.clip is not None:
@@ -134,5 +147,5 @@ def evaluate(
     protocol = get_protocol(options.protocol, options.resolution, lpips_net, options.ssim)
     collection = collect(protocol.name, data_root, pred_dir, layout)
     scorers = load_scorers(protocol, options, vie)
-    rows = score_samples(collection.samples, protocol, scorers)
+    rows = score_samples(collection.samples, protocol, scorers, skipped=collection.skipped)
     return build_report(protocol, scorers, rows, collection, str(data_root), str(pred_dir))

@@ -12,7 +12,6 @@ thus runs on a CPU and in CI, with exact answers to check against.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import zlib
@@ -28,6 +27,7 @@ from insightedit.data.build.chat import StepFailure
 from insightedit.data.build.roles import Description, Detection, EditRequest, ObjectInfo, Replacement, Rewrite
 from insightedit.data.scenes import COLOURS, SHAPES, Scene, SceneObject, random_scene, to_image, where
 from insightedit.data.synthetic import LIKE, referring_expressions, relation, short_name
+from insightedit.image_reader import load_rgb
 
 SCENE_SUFFIX = ".scene.json"
 
@@ -228,7 +228,7 @@ class OracleJudge:
         """A JSON reply in the VIEScore prompts' format."""
         if len(images) == 1:
             return json.dumps({"score": [10, 10], "reasoning": "rendered scene"})
-        source, edited = (np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in images[:2])
+        source, edited = (np.asarray(load_rgb(data, name="judged image").image) for data in images[:2])
         if source.shape != edited.shape:
             return json.dumps({"score": [0, 0], "reasoning": "sizes differ"})
         changed = float(np.any(source != edited, axis=-1).mean())

@@ -72,8 +72,16 @@ def _json_chat(spec: ChatSpec, context: BuildContext, device: str) -> JsonChat:
     return JsonChat(make_chat(spec, device), context.cache, spec.parse_retries, context.retry_failed)
 
 
+def _read(path: Path) -> Image.Image:
+    """An image by the package's one reader; an unreadable one fails the image (:class:`StepFailure`)."""
+    try:
+        return load_rgb(path).image
+    except BadSample as error:
+        raise StepFailure(str(error)) from None
+
+
 def _load_source(context: BuildContext, image_id: str) -> Image.Image:
-    return load_rgb(context.store.source(image_id)).image
+    return _read(context.store.source(image_id))
 
 
 def bbox_xywh(mask: np.ndarray) -> list[int]:
@@ -150,10 +158,7 @@ class CaptionStep(Step):
     def process(self, image_id: str) -> StepResult:
         """Decode, store, describe."""
         store, short_side = self.context.store, self.context.config.short_side
-        try:
-            image = load_rgb(self.context.images[image_id]).image
-        except BadSample as error:
-            raise StepFailure(str(error)) from None
+        image = _read(self.context.images[image_id])
         if short_side and min(image.size) != short_side:
             scale = short_side / min(image.size)
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -362,8 +367,8 @@ class FilterStep(Step):
         for group, records in store.read_records(4, image_id).items():
             scored = {}
             for key, record in records.items():
-                source = load_rgb(store.root / record["origin_img_path"]).image
-                target = load_rgb(store.root / record["target_img_path"]).image
+                source = _read(store.root / record["origin_img_path"])
+                target = _read(store.root / record["target_img_path"])
                 result = self.scorer.score(VIEScoreItem(source, target, record["instruction"][0]))
                 errors = [e for e in (result.sc_error, result.pq_error) if e]
                 if any(e.startswith("judge error") for e in errors):

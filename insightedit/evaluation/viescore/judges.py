@@ -21,6 +21,7 @@ from typing import Protocol
 import httpx
 from PIL import Image
 
+from insightedit.image_reader import load_rgb
 from insightedit.redaction import redact, register_secret, register_url_secrets
 
 
@@ -169,7 +170,7 @@ class TransformersVLMJudge:
 
     def ask(self, prompt: str, images: Sequence[bytes]) -> str:
         """Greedy-decode the model's answer to the prompt with the images placed before it."""
-        pictures = [Image.open(io.BytesIO(image)).convert("RGB") for image in images]
+        pictures = [load_rgb(image, name="judged image").image for image in images]
         content: list[dict[str, object]] = [{"type": "image", "image": picture} for picture in pictures]
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
