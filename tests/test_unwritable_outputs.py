@@ -20,6 +20,7 @@ from PIL import Image
 import insightedit.commands.export as export_command
 from insightedit.atomic_write import OutputNotWritten, atomic_folder, atomic_write, atomic_write_text
 from insightedit.cli import main
+from insightedit.commands.edit import save_image
 from insightedit.evaluation.report import write_json
 from insightedit.lightning_cli import InsightEditCLI
 from insightedit.pipeline import InsightEditPipeline
@@ -125,8 +126,21 @@ def source_png(tmp_path) -> Path:
 
 
 def edit(model: Path, image: Path, out: Path) -> int:
-    return main(["edit", "--model", str(model), "--image", str(image), "--instruction", "remove the red circle",
-                 "--out", str(out), "--steps", "1"])
+    return main(
+        [
+            "edit",
+            "--model",
+            str(model),
+            "--image",
+            str(image),
+            "--instruction",
+            "remove the red circle",
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+        ]
+    )
 
 
 def test_edit_refuses_an_output_under_a_file_before_reading_anything(tmp_path, capsys):
@@ -155,8 +169,9 @@ def test_edit_refuses_a_read_only_folder_and_a_folder_as_output(tmp_path, monkey
     assert error_line(capsys) == f"error: cannot write the edited image {folder}: it is a folder; give a file name"
 
 
-def test_a_full_disk_while_saving_the_edit_keeps_the_existing_file(model_folder, source_png, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_a_full_disk_while_saving_the_edit_keeps_the_existing_file(
+    model_folder, source_png, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out.png"
     assert edit(model_folder, source_png, out) == 0  # the real write works
     written = out.read_bytes()
@@ -174,20 +189,23 @@ def test_a_full_disk_while_saving_the_edit_keeps_the_existing_file(model_folder,
         "the existing out.png is unchanged"
     )
     assert out.read_bytes() == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "source.png"]  # no temporary left
+
+
+def test_a_read_only_disk_while_saving_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(disk_error(errno.EROFS)))
     fresh = tmp_path / "fresh.png"
-    monkeypatch.setattr(Image.Image, "save", lambda image, stream, *a, **k: (_ for _ in ()).throw(
-        disk_error(errno.EROFS)))
-    assert edit(model_folder, source_png, fresh) == 2
-    assert error_line(capsys) == (
-        f"error: cannot write the edited image {fresh}: Read-only file system (EROFS); no file was left"
+    with pytest.raises(OutputNotWritten) as raised:
+        save_image(Image.new("RGB", (4, 4)), fresh, "PNG")
+    assert (
+        str(raised.value) == f"cannot write the edited image {fresh}: Read-only file system (EROFS); no file was left"
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "source.png"]  # no 0-byte file, no temporary
+    assert list(tmp_path.iterdir()) == []  # no 0-byte file, no temporary
 
 
 # ------------------------------------------------------------------------------------ the model folder
 @pytest.mark.parametrize("name", WEIGHT_FILES)
-def test_each_truncated_or_missing_weight_file_is_one_line_naming_it(model_folder, source_png, tmp_path, name,
-                                                                     capsys):
+def test_each_truncated_or_missing_weight_file_is_one_line_naming_it(model_folder, source_png, tmp_path, name, capsys):
     assert sorted(str(p.relative_to(model_folder)) for p in model_folder.rglob("*.safetensors")) == WEIGHT_FILES
     path = model_folder / name
     original = path.read_bytes()
@@ -212,8 +230,9 @@ def test_each_truncated_or_missing_weight_file_is_one_line_naming_it(model_folde
     assert not (tmp_path / "o.png").exists()
 
 
-@pytest.mark.parametrize("name", ["bridging/config.json", "generation/unet/config.json",
-                                  "comprehension/adapter/adapter_config.json"])
+@pytest.mark.parametrize(
+    "name", ["bridging/config.json", "generation/unet/config.json", "comprehension/adapter/adapter_config.json"]
+)
 def test_a_corrupt_or_missing_config_is_one_line_naming_it(model_folder, source_png, tmp_path, name, capsys):
     path = model_folder / name
     original = path.read_bytes()
@@ -247,8 +266,9 @@ def test_export_refuses_an_unwritable_place_before_reading_the_checkpoint(tmp_pa
     )
 
 
-def test_a_failed_export_keeps_the_old_folder_and_leaves_nothing(tiny_system, model_folder, tmp_path, monkeypatch,
-                                                                  capsys):
+def test_a_failed_export_keeps_the_old_folder_and_leaves_nothing(
+    tiny_system, model_folder, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(export_command, "load_system", lambda *a: (tiny_system, 32))
     out = tmp_path / "model"
     shutil.copytree(model_folder, out)
@@ -330,12 +350,27 @@ def boring_config(tmp_path: Path, **trainer) -> Path:
         "model": {"class_path": "lightning.pytorch.demos.boring_classes.BoringModel"},
         "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"},
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 3, "logger": False, "enable_progress_bar": False,
-            "enable_model_summary": False, "limit_val_batches": 0, "default_root_dir": str(run),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 3,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "default_root_dir": str(run),
             "plugins": [{"class_path": "insightedit.training.checkpoint_io.AtomicCheckpointIO"}],
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-                "dirpath": str(run / "ckpt"), "filename": "{step:06d}", "save_last": True,
-                "every_n_train_steps": 1, "save_top_k": -1}}],
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(run / "ckpt"),
+                        "filename": "{step:06d}",
+                        "save_last": True,
+                        "every_n_train_steps": 1,
+                        "save_top_k": -1,
+                    },
+                }
+            ],
             **trainer,
         },
     }
@@ -387,12 +422,20 @@ def test_fit_refuses_run_folders_that_cannot_be_written_before_building_anything
 
 def test_tiny_fit_without_a_logger_runs_and_says_what_it_left_out(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
-    code = main([
-        "fit", "--config", str(CONFIGS / "tiny" / "stage3.yaml"), "--trainer.logger=false",
-        "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-        "--data.init_args.synthetic={num_images: 8, size: 32, seed: 0}", "--data.init_args.batch_size=2",
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "tiny" / "stage3.yaml"),
+            "--trainer.logger=false",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.synthetic={num_images: 8, size: 32, seed: 0}",
+            "--data.init_args.batch_size=2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "note: no logger (trainer.logger=false): LearningRateMonitor left out" in caplog.messages
