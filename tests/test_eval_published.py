@@ -54,6 +54,7 @@ def benchmark(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, lis
     removed = Image.open(targets / "remove_add/target_imgs/1543_3_acoustic_guitar.png").convert("RGB")
     replaced = Image.open(targets / "replace/target_imgs/1543_3_acoustic_guitar_to_electric_guitar.png").convert("RGB")
     with Image.open(SAMPLE / "0_source_img/1543.jpg") as opened:  # 5616x3744; the targets are 960x640
+        opened.draft("RGB", removed.size)  # decode at 1/4 scale (1404x936): 16x less work
         source = opened.convert("RGB").resize(removed.size, Image.Resampling.BICUBIC)
     annotations = json.loads((SAMPLE / "2_mask_generation/1543.json").read_text())["annotations"]
     guitar = next(a for a in annotations if a["class_name"] == "acoustic guitar")
@@ -75,9 +76,9 @@ def benchmark(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, lis
         for index, edited in enumerate(edited_images):
             stem = f"{index + 1:03d}"
             paths = (root / "bench" / folder / f"{stem}.png", root / "bench" / folder / f"{stem}_mask.jpg")
-            source.save(paths[0])
+            source.save(paths[0], compress_level=1)
             mask.save(paths[1], quality=95)  # soft edges, as the benchmark's JPEG masks have
-            edited.save(root / "pred" / output / f"{stem}.png")
+            edited.save(root / "pred" / output / f"{stem}.png", compress_level=1)
             entries.append((*paths, root / "pred" / output / f"{stem}.png"))
         lines = [f"make it red CLIP: {CAPTION}"] * len(edited_images)
         (root / "bench" / folder / text_file).write_text("\n".join(lines) + "\n")
