@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import cast
 
 from insightedit.errors import UserError
 from insightedit.evaluation.clip_score import DEFAULT_CLIP_MODEL
@@ -115,14 +116,12 @@ def main(argv: list[str]) -> int:
     )
     report = evaluate(args.data, args.pred_dir, options, vie=vie, layout=args.pred_layout)
     print(format_table(report))
-    for title, names in (
-        ("missing predictions", report["missing"]),
-        ("unexpected files", report["unexpected"]),
-    ):
+    for title, key in (("missing predictions", "missing"), ("unexpected files", "unexpected")):
+        names = cast(list[str], report[key])
         if names:
-            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")  # type: ignore[index]
-            print(f"{title} ({len(names)}): {shown}")  # type: ignore[arg-type]
-    skipped: dict[str, str] = report["skipped"]  # type: ignore[assignment]
+            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            print(f"{title} ({len(names)}): {shown}")
+    skipped = cast(dict[str, str], report["skipped"])
     if skipped:
         print(f"skipped ({len(skipped)}), not scored:")
         for record_id, reason in list(skipped.items())[:20]:

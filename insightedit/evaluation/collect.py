@@ -15,7 +15,7 @@ from insightedit.errors import UserError
 from insightedit.evaluation.protocols import EvalSample
 from insightedit.evaluation.reason_edit import read_reason_edit, smartedit_prediction_paths
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
