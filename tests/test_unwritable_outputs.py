@@ -9,6 +9,7 @@ and "not a folder" by a path under a regular file (which fails for root too).
 import errno
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from insightedit.evaluation.report import write_json
 from insightedit.lightning_cli import InsightEditCLI
 from insightedit.pipeline import InsightEditPipeline
 from insightedit.systems.insightedit import InsightEditSystem
+from insightedit.training import checkpoint_io
 from insightedit.training.checkpoint_io import AtomicCheckpointIO
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
@@ -320,26 +322,50 @@ def test_a_report_that_cannot_be_written_is_one_line_and_keeps_the_old_one(tmp_p
 
 
 # ------------------------------------------------------------------------------------------- training
+class FullDisk:
+    """A file on a disk with ``room`` bytes left: the write that crosses it writes what fits and raises ENOSPC."""
+
+    def __init__(self, stream, room: int = 100) -> None:
+        self.stream, self.room, self.written = stream, room, 0
+
+    def write(self, data) -> int:
+        data = bytes(memoryview(data).cast("B"))
+        if self.written + len(data) > self.room:
+            self.stream.write(data[: self.room - self.written])
+            self.written = self.room
+            raise disk_error(errno.ENOSPC)
+        self.written += len(data)
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def fill_disk_when(monkeypatch, is_full) -> None:
+    """Checkpoint files for which ``is_full(path)`` land on a full disk (the real ``torch.save`` runs)."""
+    real = checkpoint_io.atomic_write
+
+    @contextmanager
+    def atomic_write_on_a_full_disk(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as stream:
+            yield FullDisk(stream) if is_full(Path(path)) else stream
+
+    monkeypatch.setattr(checkpoint_io, "atomic_write", atomic_write_on_a_full_disk)
+
+
 def test_a_failed_checkpoint_save_names_the_file_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
-    io.save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
-    real_save = torch.save
-
-    def full_disk(obj, handle, *args, **kwargs):
-        handle.write(b"PK\x03\x04 half a zip")
-        raise disk_error(errno.ENOSPC)
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OutputNotWritten) as raised:
-        io.save_checkpoint({"global_step": 2}, tmp_path / "step=2.ckpt")
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(8)}, tmp_path / "last.ckpt")
+    fill_disk_when(monkeypatch, lambda path: True)
+    with pytest.raises(OutputNotWritten) as raised:  # torch alone says "unexpected pos ..."
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(8)}, tmp_path / "step=2.ckpt")
     assert str(raised.value) == (
         f"could not write checkpoint {tmp_path / 'step=2.ckpt'}: No space left on device (ENOSPC); "
         "the earlier checkpoints there are intact (last.ckpt)"
     )
-    with pytest.raises(OSError, match=r"the previous last\.ckpt is intact$"):  # still an OSError for callers
-        io.save_checkpoint({"global_step": 2}, tmp_path / "last.ckpt")
-    monkeypatch.setattr(torch, "save", real_save)
-    assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 1
+    with pytest.raises(OSError, match=r"\(ENOSPC\); the previous last\.ckpt is intact$"):  # an OSError for callers
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(8)}, tmp_path / "last.ckpt")
+    assert torch.equal(io.load_checkpoint(tmp_path / "last.ckpt")["w"], torch.ones(8))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
@@ -380,15 +406,7 @@ def boring_config(tmp_path: Path, **trainer) -> Path:
 
 
 def test_fit_with_a_full_disk_at_a_checkpoint_stops_with_one_line(tmp_path, monkeypatch, capsys):
-    real_save = torch.save
-
-    def full_at_step_2(obj, handle, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("global_step") == 2:
-            handle.write(b"PK\x03\x04 half a zip")
-            raise disk_error(errno.ENOSPC)
-        return real_save(obj, handle, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", full_at_step_2)
+    fill_disk_when(monkeypatch, lambda path: path.name == "step=000002.ckpt")  # full from step 2's checkpoint on
     assert main(["fit", "--config", str(boring_config(tmp_path))]) == 2
     folder = tmp_path / "run" / "ckpt"
     assert error_line(capsys) == (

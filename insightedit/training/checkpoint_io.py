@@ -43,9 +43,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     target = Path(path)
     try:
         with atomic_write(target) as handle:
-            torch.save(obj, handle)  # a file object, so a failed write is the OSError, not "unexpected pos"
+            stream = _KeepWriteError(handle)
+            try:
+                torch.save(obj, stream)
+            except RuntimeError as error:  # torch reports a failed write as "unexpected pos N vs M"
+                if stream.error is None:
+                    raise
+                raise stream.error from error
     except OSError as error:
         raise CheckpointNotWritten(f"could not write checkpoint {target}: {explain(error)}; {_kept(target)}") from error
+
+
+class _KeepWriteError:
+    """The file ``torch.save`` writes to, keeping the ``OSError`` (ENOSPC...) that torch turns into a RuntimeError."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        """Write ``data``; remember the error if the write fails."""
+        try:
+            return int(self.stream.write(data))
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        """Flush the underlying file."""
+        self.stream.flush()
 
 
 def _kept(target: Path) -> str:
