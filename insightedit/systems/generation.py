@@ -30,6 +30,23 @@ from insightedit.models.generation.sampling import sample_with_dual_guidance
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def log_skipped_samples(module: L.LightningModule, batch: dict[str, Any]) -> None:
+    """Log ``train/skipped_samples``: records replaced by the next usable one so far, summed over ranks.
+
+    The count comes from the batch's collated ``load_failures`` (see :class:`insightedit.data.dataset.EditDataset`;
+    batches without it add 0). It is kept as a tensor on the module's device, so no step waits on it,
+    and counts from 0 in each process (a resumed run starts again at 0).
+    """
+    failures = batch.get("load_failures")
+    total = getattr(module, "_skipped_samples", None)
+    if total is None:
+        total = torch.zeros((), device=module.device)
+    if isinstance(failures, torch.Tensor):
+        total = total + failures.to(total.device, torch.float32).sum()
+    module._skipped_samples = total
+    module.log("train/skipped_samples", total, on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=True)
+
+
 class GenerationModule(L.LightningModule):
     """InstructPix2Pix's UNet with InsightEdit's decoupled cross-attention and ``v_txt``, and its loss.
 
@@ -218,6 +235,7 @@ class GenerationModule(L.LightningModule):
             batch["source"], batch["target"], self._text_condition(batch), batch.get("image_embeds"), batch.get("v_txt")
         )
         self.log("train/loss_diff", loss, prog_bar=True, batch_size=batch["source"].shape[0])
+        log_skipped_samples(self, batch)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

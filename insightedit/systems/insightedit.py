@@ -19,7 +19,7 @@ from torch import nn
 from insightedit.errors import UserError
 from insightedit.systems.bridging import BridgingModule
 from insightedit.systems.comprehension import ComprehensionModule
-from insightedit.systems.generation import GenerationModule
+from insightedit.systems.generation import GenerationModule, log_skipped_samples
 from insightedit.systems.stages import GROUPS, LOSSES, OPTIMIZER_GROUPS, StageSettings, resolve_stage
 from insightedit.training.safe_load import check_distributed_checkpoint, load_checkpoint
 from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
@@ -170,9 +170,10 @@ class InsightEditSystem(L.LightningModule):
             self.log(key, value, prog_bar=name in ("loss", "diff"), batch_size=batch_size, sync_dist=prefix != "train")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """The stage's weighted loss; each loss logged on its own as ``train/loss_<name>``."""
+        """The stage's weighted loss; each loss logged on its own as ``train/loss_<name>``, and skipped samples."""
         losses = self.compute_losses(batch)
         self._log_losses("train", losses, batch["source"].shape[0])
+        log_skipped_samples(self, batch)
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
