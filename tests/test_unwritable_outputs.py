@@ -7,6 +7,7 @@ and "not a folder" by a path under a regular file (which fails for root too).
 """
 
 import errno
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -440,6 +441,11 @@ def test_fit_refuses_run_folders_that_cannot_be_written_before_building_anything
 
 def test_tiny_fit_without_a_logger_runs_and_says_what_it_left_out(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
+    # Lightning stops propagating when it is imported before any root handler exists, and earlier tests
+    # may have changed its level: route its info messages to caplog whatever ran before.
+    lightning_log = logging.getLogger("lightning.pytorch")
+    monkeypatch.setattr(lightning_log, "propagate", True)
+    monkeypatch.setattr(lightning_log, "level", logging.INFO)
     code = main(
         [
             "fit",

@@ -16,7 +16,9 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -148,13 +150,23 @@ def make_trainer(config: BuildConfig, out: Path) -> L.Trainer:
         raise UserError(f"cannot build the trainer from the config: {(str(error).splitlines() or [''])[0]}") from None
 
 
-def _quiet() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*predict_dataloader.*")
-    warnings.filterwarnings("ignore", message=".*predict returned None.*")  # outcomes go to disk, not predictions
-    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # lightning vs newer torch
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Lightning's per-job chatter for the build, then put the loggers and warning filters back."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        for name in names:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*predict_dataloader.*")
+        warnings.filterwarnings("ignore", message=".*predict returned None.*")  # outcomes go to disk
+        warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # lightning vs newer torch
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _gather(outcomes: dict[str, Counter[str]]) -> dict[str, Counter[str]]:
@@ -174,7 +186,13 @@ def build_dataset(
     config: BuildConfig, images: str | Path, out: str | Path, steps: list[int], retry_failed: bool = False
 ) -> dict[str, Any] | None:
     """Run ``steps`` over the images; return the summary on global rank 0 (``None`` on the other ranks)."""
-    _quiet()
+    with _quiet():
+        return _build(config, images, out, steps, retry_failed)
+
+
+def _build(
+    config: BuildConfig, images: str | Path, out: str | Path, steps: list[int], retry_failed: bool
+) -> dict[str, Any] | None:
     out = Path(out)
     image_paths = scan_images(images)
     if out.exists() and not out.is_dir():
