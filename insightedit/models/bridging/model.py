@@ -26,7 +26,7 @@ class BridgeOutput:
     q: torch.Tensor  # (B, 77, D_txt) Q-Former output mapped to the text width (stage-1 alignment input)
     f_txt: torch.Tensor  # (B, 77, D_txt) text condition for the UNet (== q when BIM is off or fresh)
     v_txt: torch.Tensor | None  # (B, C0, h, w) or None when BIM is off
-    image_embeds: torch.Tensor  # (B, D_clip) Mapper(h), the IAA embedding
+    image_embeds: torch.Tensor | None  # (B, D_clip) Mapper(h), the IAA embedding (None without a Mapper)
 
 
 class BridgingModel(nn.Module):
@@ -34,8 +34,9 @@ class BridgingModel(nn.Module):
 
     Args:
         qformer: learned queries reading ``h`` (:class:`QFormerBridge`).
-        bim: the bidirectional interaction module (:class:`BidirectionalInteraction`).
-        mapper: IAA's Mapper (:class:`Mapper`).
+        bim: the bidirectional interaction module (:class:`BidirectionalInteraction`); ``None``: none
+            (InsightEdit w/o BIM), ``f_txt = q`` and ``v_txt`` is None.
+        mapper: IAA's Mapper (:class:`Mapper`); ``None``: no IAA stream (SmartEdit, InsightEdit w/o IAA).
         clip_image_encoder: frozen CLIP image tower for ``L_IAA`` targets (``None``: no IAA loss).
         use_bim: run the BIM (stage 3); when ``False`` it is skipped, ``f_txt = q`` and ``v_txt`` is None.
     """
@@ -43,8 +44,8 @@ class BridgingModel(nn.Module):
     def __init__(
         self,
         qformer: QFormerBridge,
-        bim: BidirectionalInteraction,
-        mapper: Mapper,
+        bim: BidirectionalInteraction | None,
+        mapper: Mapper | None,
         clip_image_encoder: ClipImageEncoder | None,
         use_bim: bool = True,
     ) -> None:
@@ -53,7 +54,7 @@ class BridgingModel(nn.Module):
         self.bim = bim
         self.mapper = mapper
         self.clip_image_encoder = clip_image_encoder
-        self.use_bim = use_bim
+        self.use_bim = use_bim and bim is not None
 
     def forward(
         self,
@@ -70,8 +71,8 @@ class BridgingModel(nn.Module):
         only when the BIM is off.
         """
         q = self.qformer(h, mm_mask)  # (B, Nq, D_txt)
-        image_embeds = self.mapper(h, mm_mask)  # (B, D_clip)
-        if not self.use_bim:
+        image_embeds = self.mapper(h, mm_mask) if self.mapper is not None else None  # (B, D_clip)
+        if not self.use_bim or self.bim is None:
             return BridgeOutput(q=q, f_txt=q, v_txt=None, image_embeds=image_embeds)
         if vision_features is None:
             raise ValueError("the BIM needs vision_features (set use_bim=False to run without them)")
@@ -100,11 +101,12 @@ class BridgingModel(nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable-by-design parameters by component; the frozen CLIP encoder is never included."""
-        return {
-            "qformer": list(self.qformer.parameters()),
-            "bim": list(self.bim.parameters()),
-            "mapper": list(self.mapper.parameters()),
-        }
+        groups = {"qformer": list(self.qformer.parameters())}
+        if self.bim is not None:
+            groups["bim"] = list(self.bim.parameters())
+        if self.mapper is not None:
+            groups["mapper"] = list(self.mapper.parameters())
+        return groups
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts per component (CLIP included, under ``clip``)."""

@@ -111,8 +111,13 @@ def build_bridging_from_sizes(
     clip_pretrained: str | None = None,
     with_clip: bool = True,
     device: str | None = None,
+    with_bim: bool = True,
+    with_mapper: bool = True,
 ) -> BridgingModel:
-    """Build a :class:`BridgingModel` of the given sizes (``device="meta"``: shapes only, no memory)."""
+    """Build a :class:`BridgingModel` of the given sizes (``device="meta"``: shapes only, no memory).
+
+    ``with_bim=False`` / ``with_mapper=False`` leave the BIM / the IAA Mapper (and its CLIP) out entirely.
+    """
     target = torch.device(device) if device is not None else torch.get_default_device()
     with target:
         qformer = QFormerBridge(
@@ -125,7 +130,7 @@ def build_bridging_from_sizes(
             intermediate_size=sizes.qformer_intermediate,
             dropout=sizes.qformer_dropout,
         )
-        bim = BidirectionalInteraction(
+        bim = None if not with_bim else BidirectionalInteraction(
             text_dim=sizes.text_dim,
             vision_dim=sizes.d_vision,
             out_channels=sizes.unet_in_width,
@@ -135,9 +140,9 @@ def build_bridging_from_sizes(
             num_heads=sizes.bim_heads,
             attention_downsample_rate=sizes.bim_downsample,
         )
-        mapper = Mapper(sizes.d_llm, sizes.clip_dim, hidden_dim=sizes.mapper_hidden)
+        mapper = Mapper(sizes.d_llm, sizes.clip_dim, hidden_dim=sizes.mapper_hidden) if with_mapper else None
     clip = None
-    if with_clip:
+    if with_clip and with_mapper:
         clip_model = sizes.clip_model
         if isinstance(clip_model, dict):  # a config-built twin takes the IAA width it is asked for
             clip_model = {**clip_model, "embed_dim": sizes.clip_dim}
@@ -164,6 +169,9 @@ def build_bridging(
     use_bim: bool = True,
     clip_pretrained: str | None = None,
     device: str | None = None,
+    with_bim: bool = True,
+    with_mapper: bool = True,
+    **size_overrides: Any,
 ) -> BridgingModel:
     """Build the bridging model of ``preset`` (``"full"`` or ``"tiny"``), with the widths that meet its neighbours.
 
@@ -178,13 +186,20 @@ def build_bridging(
         use_bim: run the BIM in ``forward`` (settable later as ``model.use_bim``).
         clip_pretrained: ``None`` (random CLIP, no download), a local open_clip checkpoint, or a tag.
         device: where to build; ``"meta"`` builds shapes only.
+        with_bim, with_mapper: build the BIM / the IAA Mapper and its CLIP at all.
+        size_overrides: any other :class:`BridgingSizes` field (``qformer_layers``, ``bim_dim``...).
     """
+    unknown = set(size_overrides) - set(BridgingSizes.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown bridging settings {sorted(unknown)}")
     sizes = preset_sizes(
-        preset, d_llm=d_llm, d_vision=d_vision, text_dim=text_dim, unet_in_width=unet_in_width, clip_dim=clip_dim
-    )
+        preset, d_llm=d_llm, d_vision=d_vision, text_dim=text_dim, unet_in_width=unet_in_width, clip_dim=clip_dim,
+        **size_overrides,
+    )  # fmt: skip
     return build_bridging_from_sizes(
-        sizes, num_queries=num_queries, use_bim=use_bim, clip_pretrained=clip_pretrained, device=device
-    )
+        sizes, num_queries=num_queries, use_bim=use_bim, clip_pretrained=clip_pretrained, device=device,
+        with_bim=with_bim, with_mapper=with_mapper,
+    )  # fmt: skip
 
 
 def describe(sizes: BridgingSizes) -> dict[str, Any]:

@@ -1,0 +1,319 @@
+"""The system that trains any member of the zoo, stage by stage, with no member-specific code.
+
+One LightningModule holds an :class:`~insightedit.models.editor.Editor` as ``editor`` (built from the
+registry, :mod:`insightedit.models.zoo`). The stage (:mod:`insightedit.models.stages`, the member's
+defaults and a yaml's ``stage_settings``) decides which of the member's parameter groups train, which of
+its losses count and with which weights. Checkpoints keep only what trains (never a frozen 7B base) plus
+the hyperparameters, and the next stage starts from them with ``init_from``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from insightedit.errors import UserError
+from insightedit.models.editor import Editor
+from insightedit.models.stages import StageSettings, resolve_stage
+from insightedit.models.zoo import build_editor, get_member
+from insightedit.systems.generation import log_skipped_samples
+from insightedit.training.safe_load import check_distributed_checkpoint, load_checkpoint
+from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
+
+
+class EditorSystem(L.LightningModule):
+    """Train, validate and test one member of the zoo (``insightedit zoo`` lists them).
+
+    Args:
+        member: the editor (``instruct_pix2pix``, ``mgie``, ``smartedit``, ``insightedit``,
+            ``insightedit_no_iaa``, ``insightedit_no_bim``).
+        preset: ``"tiny"`` (CPU twins of everything) or ``"full"`` (LLaVA-1.5-7B, InstructPix2Pix,
+            CLIP ViT-L/14; built on ``meta`` unless the sections name weights).
+        stage: 1, 2 or 3: the member's stage (its defaults: ``insightedit zoo --member <name>``).
+        stage_settings: overrides of the stage's defaults (``train``, ``loss_weights``, ``use_unet``,
+            ``use_bim``, ``learning_rates``).
+        comprehension, bridging, generation, head: the keyword arguments of each part the member has
+            (weights, sizes, LoRA, quantization...); the widths that connect them are filled in.
+        align_target: for members with ``L_align``: the text whose frozen text-encoder encoding ``q``
+            is aligned to (``plain_instruction``, ``instruction`` or ``target_caption``; ``None``: the
+            member's default).
+        init_from: a checkpoint of the previous stage to start from.
+        weight_decay: AdamW weight decay for every group.
+        warmup_steps: linear warmup, then cosine decay to 10% over the run.
+        evaluation: settings of ``insightedit test`` (:class:`insightedit.evaluation.model_test.TestSettings`).
+        sharding: FSDP2 settings used under ``ModelParallelStrategy`` / ``FSDP2Strategy``
+            (:class:`insightedit.training.sharding.ShardingSettings`); ignored by other strategies.
+    """
+
+    def __init__(
+        self,
+        member: str = "insightedit",
+        preset: str = "tiny",
+        stage: int = 3,
+        stage_settings: dict[str, Any] | None = None,
+        comprehension: dict[str, Any] | None = None,
+        bridging: dict[str, Any] | None = None,
+        generation: dict[str, Any] | None = None,
+        head: dict[str, Any] | None = None,
+        align_target: str | None = None,
+        init_from: str | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        evaluation: dict[str, Any] | None = None,
+        sharding: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        editor_class = get_member(member).editor_class()
+        self.stage: StageSettings = resolve_stage(
+            stage,
+            stage_settings,
+            editor_class.stages,
+            member,
+            editor_class.groups,
+            editor_class.losses,
+            editor_class.optimizer_groups,
+        )
+        self.sharding = ShardingSettings.from_config(sharding)
+        sections = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
+        self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)
+        self.strict_loading = False  # checkpoints hold only trained weights; on_load_checkpoint checks them
+        self._carried: set[str] = set()
+        self.apply_stage()
+        if init_from:
+            self.load_trained_weights(init_from)
+
+    # --------------------------------------------------------------------------------------- stages
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Every trainable-in-some-stage parameter by group, then by its name in this system."""
+        names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
+        members = self.editor.parameter_groups()
+        return {group: {names[id(p)]: p for p in members.get(group, [])} for group in self.editor.groups}
+
+    def apply_stage(self) -> None:
+        """Freeze everything, then unfreeze the stage's groups; let the editor switch stage-dependent parts."""
+        self.requires_grad_(False)
+        groups = self.parameter_groups()
+        for group in self.stage.train:
+            for parameter in groups[group].values():
+                parameter.requires_grad_(True)
+        self.editor.apply_stage(self.stage)
+
+    def trainable_names(self) -> set[str]:
+        """Names of the parameters this stage trains."""
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard blocks, units and the root over the data-parallel mesh.
+
+        Other strategies leave the model alone. Called by Lightning before the optimizer is built, possibly
+        more than once (fit, then test); sharding an already sharded system does nothing.
+        See :func:`insightedit.training.sharding.shard_system`.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        mesh = self.device_mesh
+        if mesh is None:
+            raise RuntimeError("ModelParallelStrategy set up no device mesh before configure_model")
+        if mesh["tensor_parallel"].size() != 1:
+            raise UserError("the zoo's systems have no tensor-parallel plan: set tensor_parallel_size: 1")
+        shard_system(self, mesh["data_parallel"], self.sharding, str(self.trainer.precision))
+
+    # --------------------------------------------------------------------------------------- losses
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Every loss the stage weighs (the member's, e.g. ``llm``, ``iaa``, ``align``, ``diff``) and ``loss``."""
+        return self.editor.compute_losses(batch, self.stage)
+
+    def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, value in losses.items():
+            key = f"{prefix}/loss" if name == "loss" else f"{prefix}/loss_{name}"
+            self.log(key, value, prog_bar=name in ("loss", "diff"), batch_size=batch_size, sync_dist=prefix != "train")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The stage's weighted loss; each loss logged on its own as ``train/loss_<name>``, and skipped samples."""
+        losses = self.compute_losses(batch)
+        self._log_losses("train", losses, batch["source"].shape[0])
+        log_skipped_samples(self, batch)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The same losses on held-out pairs (CFG dropout off)."""
+        self._log_losses("val", self.compute_losses(batch), batch["source"].shape[0])
+
+    # ------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        """AdamW with one parameter group per optimizer group (lora, bridge, unet), each its own lr."""
+        groups = self.parameter_groups()
+        param_groups = []
+        for optimizer_group, members in self.editor.optimizer_groups.items():
+            params = [p for g in members for p in groups[g].values() if p.requires_grad]
+            if params:
+                if optimizer_group not in self.stage.learning_rates:
+                    raise UserError(f"stage {self.stage.name!r} sets no learning rate for {optimizer_group!r}")
+                lr = float(self.stage.learning_rates[optimizer_group])
+                param_groups.append({"params": params, "lr": lr, "name": optimizer_group})
+        if not param_groups:
+            raise UserError(f"stage {self.stage.name!r} trains nothing: check stage_settings.train")
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=self.hparams["weight_decay"])
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        warmup = int(self.hparams["warmup_steps"])
+
+        def scale(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def saved_names(self) -> set[str]:
+        """What a checkpoint keeps: trained weights, those carried from earlier stages, the bridge's buffers.
+
+        The buffers matter: the BIM's random Fourier matrix is drawn when the system is built.
+        """
+        drawn = {f"editor.{name}" for name in self.editor.persistent_buffers()}
+        return self.trainable_names() | self._carried | (drawn & set(self.state_dict()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen weights (the LLM base, vision tower, VAE, CLIP, text encoder) from the checkpoint."""
+        keep = self.saved_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["insightedit"] = {
+            "member": self.hparams["member"],
+            "stage": self.stage.as_dict(),
+            "saved": sorted(keep),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming: every weight this stage trains must be in the checkpoint.
+
+        Under ``ModelParallelStrategy`` the strategy has already loaded (and removed) ``state_dict``;
+        the names it held are then read from ``checkpoint["insightedit"]["saved"]``.
+        """
+        if "state_dict" in checkpoint:
+            stored = set(checkpoint["state_dict"])
+        else:
+            stored = set(checkpoint.get("insightedit", {}).get("saved", self.trainable_names()))
+        missing = sorted(self.trainable_names() - stored)
+        if missing:
+            raise UserError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}")
+
+    def load_trained_weights(self, path: str | Path) -> list[str]:
+        """Start from a previous stage's checkpoint: load its weights, check every key; return the keys.
+
+        ``path`` is a checkpoint file, or the folder an ``FSDP2Strategy`` with
+        ``save_distributed_checkpoint: true`` writes (read whole, in this process).
+        """
+        path = Path(path)
+        if not path.is_file() and not (path / ".metadata").is_file():
+            raise UserError(f"init_from: checkpoint {path} not found")
+        if path.is_dir():  # torch unpickles a folder's index unrestricted: refuse one that names code first
+            check_distributed_checkpoint(path, "init_from")
+            try:
+                checkpoint = load_distributed_checkpoint(path)
+            except Exception as error:  # noqa: BLE001 - a corrupt folder is a user error, said in one line
+                reason = (str(error).splitlines() or [type(error).__name__])[0]
+                raise UserError(f"init_from: {path} is not a readable distributed checkpoint ({reason})") from error
+        else:
+            checkpoint = load_checkpoint(path, "init_from")  # weights only: never runs code from the file
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise UserError(f"init_from: {path} is not a readable Lightning checkpoint (no state_dict)")
+        own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            origin = (checkpoint.get("insightedit") or {}).get("member", "insightedit")
+            this = self.hparams["member"]
+            mismatch = f" (it is a {origin} checkpoint, this is {this})" if origin != this else ""
+            raise UserError(f"init_from: {path} has weights this system lacks{mismatch}, e.g. {unexpected[:3]}")
+        for name, value in state.items():
+            if own[name].shape != value.shape:
+                raise UserError(f"init_from: {name} has shape {tuple(value.shape)}, expected {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+        self._carried |= set(state)
+        return sorted(state)
+
+    # ------------------------------------------------------------------------------------------ test
+    def on_test_start(self) -> None:
+        """Load the metric backends once (a missing weight file is a one-line user error)."""
+        from insightedit.evaluation.model_test import EditTestRun, TestSettings
+
+        if not self.stage.use_unet:
+            raise UserError(f"stage {self.stage.name!r} has no UNet and cannot edit: test a stage 2 or 3 model")
+        self._test_run = EditTestRun(TestSettings(**(self.hparams["evaluation"] or {})))
+        if self._test_run.settings.save_edits:
+            self._test_run.edits_dir = self._test_output_dir() / "edits"
+
+    def _test_output_dir(self) -> Path:
+        """Where ``insightedit test`` writes: ``evaluation.out_dir``, else the run's log dir."""
+        configured = self._test_run.settings.out_dir
+        return Path(configured or self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Edit the batch with this model and score it beside the identity edit (``edited = source``)."""
+        settings = self._test_run.settings
+        generator = torch.Generator(device=batch["source"].device).manual_seed(settings.seed + batch_idx)
+        edited = self.edit(
+            batch["source"],
+            batch.get("mllm_source"),
+            list(batch["instruction"]),
+            image_scale=settings.image_scale,
+            num_inference_steps=settings.num_inference_steps,
+            text_guidance=settings.text_guidance,
+            image_guidance=settings.image_guidance,
+            generator=generator,
+        )
+        self._test_run.add("this checkpoint", batch, edited)
+        self._test_run.add("identity edit", batch, batch["source"])
+
+    def on_test_epoch_end(self) -> None:
+        """Gather every rank's rows; rank 0 prints the table, writes JSON and CSV, logs the means."""
+        run = self._test_run
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, run.rows)
+            run.rows = {}
+            run.merge(gathered)
+        checkpoint = getattr(self.trainer, "ckpt_path", None)
+        report = run.report(str(checkpoint) if checkpoint else None)
+        pooled = {system: groups.get("all", {}) for system, groups in report["systems"].items()}  # type: ignore[union-attr]
+        for system, summary in pooled.items():
+            for key, value in summary.items():
+                if isinstance(value, float) and key[-2:] != "_n":
+                    name = "model" if system == "this checkpoint" else "identity"
+                    self.log(f"test/{name}/{key}", value, rank_zero_only=True, sync_dist=False)
+        out_dir = self._test_output_dir()  # on every rank: trainer.log_dir is a broadcast
+        if self.trainer.is_global_zero:
+            json_path, csv_path = run.write(report, out_dir)
+            print(run.table(report))
+            print(f"report: {json_path} and {csv_path}")
+
+    # ------------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def edit(
+        self,
+        source: torch.Tensor,
+        mllm_source: torch.Tensor | None,
+        instructions: list[str],
+        image_scale: float | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Edit ``source`` (B, 3, H, W) in [-1, 1] with the member (:meth:`Editor.edit`)."""
+        return self.editor.edit(source, mllm_source, instructions, image_scale=image_scale, **sampling)
+
+
+InsightEditSystem = EditorSystem  # the name configs and checkpoints written before the zoo use
+
+__all__ = ["EditorSystem", "InsightEditSystem"]
