@@ -1,4 +1,4 @@
-"""The InsightEdit member in EditorSystem: losses, what each stage trains, BIM neutrality, stage-to-stage checkpoints."""
+"""The InsightEdit member in EditorSystem: losses, what each stage trains, BIM neutrality, stage checkpoints."""
 
 import lightning as L
 import pytest
@@ -108,8 +108,13 @@ def test_fit_logs_every_loss(tmp_path):
     torch.manual_seed(0)
     system = EditorSystem(preset="tiny", stage=3)
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        default_root_dir=tmp_path, log_every_n_steps=1,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     trainer.fit(system, loader(system))
     logged = trainer.callback_metrics
@@ -143,7 +148,11 @@ def test_stage2_checkpoint_starts_stage3_with_identical_shared_weights(tmp_path)
     torch.manual_seed(0)
     stage2 = EditorSystem(preset="tiny", stage=2)
     trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
         enable_model_summary=False,
     )
     trainer.fit(stage2, loader(stage2, 1))
