@@ -16,8 +16,17 @@ from typing import Any
 
 from insightedit.errors import UserError
 
-WEIGHT_KEYS = {"comprehension": ("pretrained",), "generation": ("pretrained",), "bridging": ("clip_pretrained",)}
+WEIGHT_KEYS = {
+    "comprehension": ("pretrained",),
+    "generation": ("pretrained",),
+    "bridging": ("clip_pretrained",),
+    "head": ("pretrained",),
+}
+SECTIONS = ("comprehension", "bridging", "generation", "head")
+SYSTEM = "insightedit.systems.editor_system.EditorSystem"
 TEXT_TOKENS = 64  # assumed instruction + chat-template tokens per prompt
+MLLM_PARTS = ("llava", "lora", "mm_embeddings")
+UNET_PARTS = ("unet", "image_branch")
 
 
 def _merge(base: Any, override: Any) -> Any:
@@ -76,6 +85,8 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
                 named[f"{section}.{key}"] = str(value)
     quantization = (init_args.get("comprehension") or {}).pop("quantization", None)
     (init_args.get("comprehension") or {}).pop("dtype", None)
+    for section in SECTIONS:  # the plan applies checkpointing itself (PlanSettings); count the plain forward
+        (init_args.get(section) or {}).pop("gradient_checkpointing", None)
     init_args.pop("init_from", None)
     model_class = _class(model_section["class_path"])
     try:
@@ -95,49 +106,38 @@ def _strategy_name(strategy: Any) -> str:
     return str(strategy or "auto").lower()
 
 
-def activation_parts(system: Any, settings: Any) -> dict[str, int]:
-    """Activation bytes per device for the MLLM (formula) and the bridge and UNet (counted on meta)."""
-    import torch
+def activation_parts(system: Any, settings: Any, clip_size: int = 224, mllm_size: int | None = None) -> dict[str, int]:
+    """Activation bytes per device: the MLLM by formula, every other part by counting a training step.
 
-    from insightedit.planning.activations import count_saved_activations, decoder_activation_bytes
+    The step is the member's own :meth:`~insightedit.models.editor.Editor.compute_losses` for the configured
+    stage, on ``meta`` (the tiny twin: on real tensors), with the MLLM and the frozen text encoder stood in
+    for by shape (:mod:`insightedit.planning.meta_forward`); parts are named as in the parameter table.
+    """
+    from insightedit.planning.activations import count_saved_by_part, decoder_activation_bytes
+    from insightedit.planning.inventory import part_of
+    from insightedit.planning.meta_forward import example_batch, shared_modules_by_shape
 
+    editor, stage = system.editor, system.stage
     parts: dict[str, int] = {}
-    if not hasattr(system, "comprehension"):
-        return parts
-    batch, scale = settings.batch_size, (0.5 if settings.half_compute else 1.0)
-    mllm = system.comprehension.model
-    text_config = mllm.base_model.config.text_config
-    patches = mllm.vision_grid[0] * mllm.vision_grid[1]
-    sequence = patches + TEXT_TOKENS + mllm.num_mm_tokens
-    parts["llm"] = decoder_activation_bytes(
-        int(text_config.num_hidden_layers), int(text_config.hidden_size), sequence, batch,
-        2 if settings.half_compute else 4, settings.llm_checkpointing,
-    )
-    down = system.generation.latent_space.downsample
-    latent = (settings.resolution // down, settings.resolution // down)
-    device = next(system.parameters()).device  # meta for full size; the tiny twin runs for real
-    with torch.device(device):
-        h = torch.randn(1, mllm.num_mm_tokens, mllm.hidden_size, requires_grad=True)
-        vision = torch.randn(1, patches, mllm.vision_hidden_size)
-        bridge = system.bridging.model
-        counted = count_saved_activations(bridge, lambda: bridge(h, vision, mllm.vision_grid, latent))
-        parts["bridge"] = int(counted.total * batch * scale)
-        if system.stage.use_unet:
-            unet = system.generation.unet
-            channels = unet.latent_channels
-            noisy = torch.randn(1, channels, *latent, requires_grad=True)
-            source = torch.randn(1, channels, *latent)
-            f_txt = torch.randn(1, 77, int(unet.unet.config.cross_attention_dim), requires_grad=True)
-            embeds = torch.randn(1, unet.image_embed_dim, requires_grad=True) if unet.image_embed_dim else None
-            v_txt = None
-            if system.stage.use_bim:
-                v_txt = torch.randn(1, int(unet.unet.config.block_out_channels[0]), *latent, requires_grad=True)
-            timesteps = torch.tensor([500])
-            counted = count_saved_activations(
-                unet, lambda: unet(noisy, source, timesteps, f_txt, image_embeds=embeds, v_txt=v_txt)
-            )
-            kept = counted.with_checkpointing() if settings.unet_checkpointing else counted.total
-            parts["unet"] = int(kept * batch * scale)
+    mllm = editor.mllm
+    if mllm is not None:
+        text_config = mllm.base_model.config.text_config
+        sequence = mllm.vision_grid[0] * mllm.vision_grid[1] + TEXT_TOKENS + mllm.num_mm_tokens
+        parts["llm"] = decoder_activation_bytes(
+            int(text_config.num_hidden_layers), int(text_config.hidden_size), sequence, settings.batch_size,
+            2 if settings.half_compute else 4, settings.llm_checkpointing,
+        )  # fmt: skip
+    batch = example_batch(editor, settings.batch_size, settings.resolution, clip_size, mllm_size)
+    scale = 0.5 if settings.half_compute else 1.0  # counted in float32; bf16 autocast halves it
+    with shared_modules_by_shape(editor):
+        counted = count_saved_by_part(editor, lambda: editor.compute_losses(batch, stage), lambda n: part_of(f"{n}."))
+    for part, saved in counted.items():
+        if part in MLLM_PARTS:  # the stand-in keeps nothing; the formula above counts the MLLM
+            continue
+        checkpointed = settings.unet_checkpointing and part in UNET_PARTS
+        kept = int((saved.with_checkpointing() if checkpointed else saved.total) * scale)
+        if kept:  # frozen parts that run without gradients keep nothing
+            parts[part] = kept
     return parts
 
 
@@ -148,12 +148,26 @@ def _device_count(override: int | None, configured: Any) -> int:
     return int(configured) if str(configured).isdigit() else 1
 
 
-def make_plan(config_paths: list[str], devices: int | None = None) -> dict[str, Any]:
+def member_config(member: str) -> dict[str, Any]:
+    """The config ``--member`` stands for: the member at full size, in its final stage, defaults elsewhere."""
+    from insightedit.models.zoo import get_member
+
+    final = max(get_member(member).editor_class().stages)
+    return {"model": {"class_path": SYSTEM, "init_args": {"member": member, "preset": "full", "stage": final}}}
+
+
+def planned_config(config_paths: list[str], member: str | None = None) -> dict[str, Any]:
+    """The merged config to plan: ``--member``'s (if given) with the ``--config`` files over it."""
+    config = _merge(member_config(member), load_config(config_paths)) if member else load_config(config_paths)
+    return config
+
+
+def make_plan(config_paths: list[str], devices: int | None = None, member: str | None = None) -> dict[str, Any]:
     """The plan as one JSON-ready dict: ``modules`` ({name: {params, trainable}}), memory, method."""
     from insightedit.planning.inventory import count_modules
     from insightedit.planning.memory import PlanSettings, plan_memory
 
-    config = load_config(config_paths)
+    config = planned_config(config_paths, member)
     system, named, quantization = build_on_meta(config.get("model") or {})
     trainer = config.get("trainer") or {}
     data = (config.get("data") or {}).get("init_args") or {}
@@ -180,10 +194,12 @@ def make_plan(config_paths: list[str], devices: int | None = None) -> dict[str, 
     if settings.devices > 1 and settings.strategy == "auto":
         settings.strategy = "ddp"
     counts = count_modules(system)
-    memory = plan_memory(system, counts, settings, activation_parts(system, settings))
+    sizes = {"clip_size": int(data.get("clip_size", 224)), "mllm_size": data.get("mllm_size")}
+    memory = plan_memory(system, counts, settings, activation_parts(system, settings, **sizes))
     stage = getattr(system, "stage", None)
     return {
         "config": config_paths,
+        "member": init_args.get("member", getattr(system, "hparams", {}).get("member")),
         "stage": stage.as_dict() if stage is not None else None,
         "modules": {name: count.as_dict() for name, count in counts.items()},
         "total": {
@@ -195,8 +211,8 @@ def make_plan(config_paths: list[str], devices: int | None = None) -> dict[str, 
         "method": (
             "built on the meta device from the preset's architecture (named weights are not loaded); "
             "activations: MLLM by Korthikanti et al. 2022 (34·s·h bytes per layer, 16-bit, fused attention; "
-            f"s = vision patches + {TEXT_TOKENS} text tokens + r), bridge and UNet by counting the tensors "
-            "autograd saves in a meta-device forward"
+            f"s = vision patches + {TEXT_TOKENS} text tokens + r); every other part by counting the tensors "
+            "autograd saves in the member's own training step, run on the meta device"
         ),
     }
 
@@ -206,7 +222,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = []
     stage = plan["stage"]
     if stage:
-        lines.append(f"stage {stage['name']}: trains {', '.join(stage['train'])}")
+        member = f"{plan['member']} " if plan.get("member") else ""
+        lines.append(f"{member}stage {stage['name']}: trains {', '.join(stage['train'])}")
     lines.append(f"{'part':<20} {'params':>15} {'trainable':>15}")
     for name, count in plan["modules"].items():
         lines.append(f"{name:<20} {count['params']:>15,} {count['trainable']:>15,}")
@@ -219,9 +236,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"per device at {s['resolution']}px" + (f", LLM {s['quantization']}" if s["quantization"] else ""),
     ]
     for kind, gib in memory["gib_per_device"].items():
-        lines.append(f"  {kind:<14} {gib:>8.2f} GiB")
+        lines.append(f"  {kind:<30} {gib:>8.2f} GiB")
     for part, gib in memory["activation_parts_gib"].items():
-        lines.append(f"    activations/{part:<8} {gib:>8.3f} GiB")
+        lines.append(f"    {'activations/' + part:<28} {gib:>8.3f} GiB")
     lines += [f"note: {note}" for note in memory["notes"]]
     lines.append(f"method: {plan['method']}")
     return "\n".join(lines)
@@ -230,20 +247,28 @@ def format_plan(plan: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     """Entry point of ``insightedit plan``."""
     parser = argparse.ArgumentParser(prog="insightedit plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", required=True, help="yaml config (repeat to compose)")
+    parser.add_argument("--config", action="append", default=[], help="yaml config (repeat to compose)")
+    parser.add_argument(
+        "--member",
+        default=None,
+        help="plan this member of the zoo at full size in its final stage (`insightedit zoo`); "
+        "--config files given too are merged over it (e.g. an fsdp2_8gpu.yaml overlay)",
+    )
     parser.add_argument("--devices", type=int, default=None, help="devices per node (overrides the config)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--edit", action="store_true", help="plan the memory of one edit instead of training")
     parser.add_argument("--resolution", type=int, default=512, help="edit resolution for --edit (default 512)")
     args = parser.parse_args(argv)
+    if not args.config and not args.member:
+        raise UserError("plan needs --config <yaml> or --member <name>")
     if args.edit:
         from insightedit.planning.edit_memory import format_edit_plan, plan_edit_memory
 
-        system, _, _ = build_on_meta(load_config(args.config).get("model") or {})
+        system, _, _ = build_on_meta(planned_config(args.config, args.member).get("model") or {})
         rows = plan_edit_memory(system, args.resolution)
         as_json = json.dumps([row.as_dict() for row in rows], indent=2)
         print(as_json if args.json else format_edit_plan(rows, args.resolution))
         return 0
-    plan = make_plan(args.config, args.devices)
+    plan = make_plan(args.config, args.devices, args.member)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0

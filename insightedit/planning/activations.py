@@ -66,9 +66,7 @@ def count_saved_activations(model: nn.Module, forward: Callable[[], object]) -> 
             stack.append(stack[-1])
             return
         block_saved.append(0)
-        block_inputs.append(
-            sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
-        )
+        block_inputs.append(sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)))
         stack.append(len(block_saved) - 1)
 
     def leave(module: nn.Module, args: tuple[object, ...], output: object) -> None:
@@ -97,3 +95,83 @@ def decoder_activation_bytes(
     if not checkpointing:
         return layers * per_layer
     return int(layers * 2 * sequence * hidden * batch * scale) + per_layer
+
+
+def count_saved_by_part(
+    root: nn.Module, forward: Callable[[], object], part_of: Callable[[str], str]
+) -> dict[str, SavedActivations]:
+    """What autograd saves during ``forward``, by the part of ``root`` whose module was running.
+
+    ``part_of`` maps a module's name in ``root`` to its part; tensors saved while no module of ``root``
+    ran (a loss computed in a method) go to the part of the last module that ran, or ``"other"``. Within
+    a part, the outermost running checkpointable block (:data:`CHECKPOINTED_BLOCKS`) is tracked as in
+    :func:`count_saved_activations`.
+    """
+    parameters = {id(p) for p in root.parameters()}
+    seen: set[int] = set()
+    keep_alive: list[torch.Tensor] = []
+    results: dict[str, SavedActivations] = {}
+    names: list[str] = []  # modules now running, innermost last
+    last = ["other"]
+    block: list[tuple[str, int]] = []  # (part, index in its lists) of the outermost running block
+    block_depth = [0]
+
+    def current() -> str:
+        if block:  # everything a block saves is its part's (an image branch's processor inside a UNet block)
+            return block[0][0]
+        return part_of(names[-1]) if names else last[0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) in parameters or id(base) in seen:
+            return tensor
+        seen.add(id(base))
+        keep_alive.append(base)
+        size = base.numel() * base.element_size()
+        result = results.setdefault(current(), SavedActivations(0, [], []))
+        result.total += size
+        if block:
+            result.block_saved[block[0][1]] += size
+        return tensor
+
+    def enter(name: str, checkpointable: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
+            names.append(name)
+            last[0] = part_of(name)
+            if not checkpointable:
+                return
+            if block_depth[0] == 0:
+                result = results.setdefault(last[0], SavedActivations(0, [], []))
+                result.block_saved.append(0)
+                result.block_inputs.append(
+                    sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+                )
+                block.append((last[0], len(result.block_saved) - 1))
+            block_depth[0] += 1
+
+        return hook
+
+    def leave(checkpointable: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+            names.pop()
+            if checkpointable:
+                block_depth[0] -= 1
+                if block_depth[0] == 0:
+                    block.clear()
+
+        return hook
+
+    handles = []
+    for name, module in root.named_modules():
+        if not name:
+            continue
+        checkpointable = type(module).__name__ in CHECKPOINTED_BLOCKS
+        handles.append(module.register_forward_pre_hook(enter(name, checkpointable)))
+        handles.append(module.register_forward_hook(leave(checkpointable)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results

@@ -1,17 +1,19 @@
-"""Peak accelerator memory of one edit (``insightedit plan --edit``), for the configured model, with no weights.
+"""Peak accelerator memory of one edit (``insightedit plan --edit``), for any member of the zoo, with no weights.
 
-One row per precision (fp16, bf16), MLLM (16-bit or 4-bit) and memory mode of ``InsightEditPipeline``:
+One row per precision (fp16, bf16), MLLM (16-bit or 4-bit; members with an MLLM) and memory mode of the pipeline:
 ``full`` (everything resident), ``low`` (MLLM + bridge, then UNet + VAE) and ``sequential`` (``low`` with
 the 16-bit MLLM streamed from CPU memory a block at a time; no 4-bit row: that mode refuses a 4-bit MLLM).
 
 Method (printed with every plan):
 - weights in the edit's dtype (2 bytes for fp16 and bf16 alike); with the 4-bit MLLM the language
   model's frozen linear weights take :data:`NF4_BYTES` (NF4 with double quantization), the vision tower,
-  projector, embeddings and head stay 16 bit. Not on the accelerator at edit time: the CLIP image tower
-  that supervised the IAA Mapper (unused at inference) and the text encoder (only its null condition is
-  kept, a buffer);
+  projector, embeddings and head stay 16 bit. "bridge" is whatever else the member runs before the UNet
+  (its ``understanding_modules()``: Q-Former, BIM and Mapper; an edit head; InstructPix2Pix's text encoder).
+  Not on the accelerator at edit time: the CLIP image tower that supervised the IAA Mapper (unused at
+  inference) and, for members that do not read it, the text encoder (only its null condition is kept);
 - activations without autograd, *counted*: the UNet (the three guidance branches as one batch of 3 at the
-  latent size), the VAE encoder and decoder (one image), and the bridge run on the ``meta`` device under
+  latent size, reading the member's own conditions), the VAE encoder and decoder (one image), and the
+  member's conditions (``Editor.conditions``, the MLLM and text encoder by shape) run on the ``meta`` device under
   a dispatch mode that adds each new tensor's bytes when it is made and subtracts them when it is freed;
   attention is taken to be a fused kernel (SDPA flash / memory-efficient), which keeps no score matrix;
 - the MLLM's forward cannot run on ``meta`` (LLaVA scatters image features by a data-dependent mask), so
@@ -41,18 +43,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from insightedit.pipeline.offload import offload_blocks
-from insightedit.planning.inventory import count_modules
+from insightedit.planning.inventory import count_modules, part_of
 from insightedit.planning.memory import GIB, NF4_BYTES
 
 TEXT_TOKENS = 64  # instruction + chat template tokens, as the training plan assumes
-MLLM_PARTS = ("lora", "mm_embeddings", "llava")
-BRIDGE_PARTS = ("qformer", "bim", "mapper")
-GENERATION_PARTS = ("unet", "image_branch", "vae")
+# the phase group of each part of the parameter table; other parts the member runs before the UNet: "bridge"
+GROUPS = {
+    "lora": "mllm",
+    "mm_embeddings": "mllm",
+    "llava": "mllm",
+    "unet": "unet",
+    "image_branch": "unet",
+    "vae": "vae",
+}
+TRAINING_ONLY_PARTS = ("clip_image_encoder",)  # the IAA target's CLIP tower: supervises the Mapper, unused in an edit
 GOAL_GIB = 8.0
 PCIE_BYTES_PER_S = 25e9  # host-to-device copy rate assumed for the transfer estimate
 MODES = ("full", "low", "sequential")
@@ -169,30 +177,43 @@ class EditMemory:
         }
 
 
-def weight_bytes(system: nn.Module, four_bit: bool) -> dict[str, int]:
-    """Bytes of the weights an edit puts on the accelerator, per phase group, in 16 bit (or NF4)."""
-    counts = count_modules(system)
-    groups = {"mllm": MLLM_PARTS, "bridge": BRIDGE_PARTS, "unet": ("unet", "image_branch"), "vae": ("vae",)}
-    result = {}
-    for group, parts in groups.items():
-        total = 0.0
-        for part in parts:
-            count = counts.get(part)
-            if count is None:
-                continue
-            quantized = count.frozen_16bit_linear if (four_bit and part == "llava") else 0
-            total += quantized * NF4_BYTES + (count.params - quantized) * 2
-        result[group] = int(total)
-    return result
+def _editor(system: Any) -> Any:
+    """The editor of an ``EditorSystem``, or ``system`` itself when it is an editor."""
+    return getattr(system, "editor", system)
+
+
+def weight_bytes(system: Any, four_bit: bool) -> dict[str, int]:
+    """Bytes of the weights an edit puts on the accelerator, per phase group, in 16 bit (or NF4).
+
+    Groups: ``mllm`` (the MLLM with its LoRA and token rows), ``bridge`` (what else the member runs before
+    the UNet: :meth:`~insightedit.models.editor.Editor.understanding_modules`, less the training-only
+    :data:`TRAINING_ONLY_PARTS`), ``unet`` (with its image branch) and ``vae``.
+    """
+    editor = _editor(system)
+    understanding = {id(p) for module in editor.understanding_modules() for p in module.parameters()}
+    counts = count_modules(editor)
+    quantized = counts["llava"].frozen_16bit_linear if (four_bit and "llava" in counts) else 0
+    result = {"mllm": quantized * NF4_BYTES, "bridge": 0.0, "unet": 0.0, "vae": 0.0}
+    for name, parameter in editor.named_parameters():
+        part = part_of(name)
+        group = GROUPS.get(part)
+        if group is None and id(parameter) in understanding and part not in TRAINING_ONLY_PARTS:
+            group = "bridge"
+        if group is not None:
+            result[group] += parameter.numel() * 2
+    result["mllm"] -= quantized * 2  # those weights are NF4, counted above
+    return {group: int(value) for group, value in result.items()}
 
 
 def streamed_block_bytes(system: Any, bytes_per_value: int = 2) -> tuple[int, int]:
     """(largest block, all blocks that run) of the MLLM's sequential offload, in bytes at ``bytes_per_value``.
 
-    The blocks are :func:`insightedit.pipeline.offload.offload_blocks` of the comprehension model (works on
-    ``meta``); the output head's blocks never run in an edit (only the hidden states are read).
+    The blocks are :func:`insightedit.pipeline.offload.offload_blocks` of the MLLM (works on ``meta``); the
+    output head's blocks never run in an edit (only the hidden states are read). ``(0, 0)`` without an MLLM.
     """
-    mllm = system.comprehension.model
+    mllm = _editor(system).mllm
+    if mllm is None:
+        return 0, 0
     head = mllm.base_model.get_output_embeddings()
     in_head = {id(module) for module in head.modules()} if head is not None else set()
     sizes = [block.num_params() * bytes_per_value for block in offload_blocks(mllm) if id(block.module) not in in_head]
@@ -201,7 +222,9 @@ def streamed_block_bytes(system: Any, bytes_per_value: int = 2) -> tuple[int, in
 
 def mllm_activation_bytes(system: Any, bytes_per_value: int = 2) -> int:
     """The MLLM's inference activations by formula (KV cache, vision hidden states, one layer's transients)."""
-    mllm = system.comprehension.model
+    mllm = _editor(system).mllm
+    if mllm is None:
+        return 0
     config = mllm.base_model.config
     text, vision = config.text_config, config.vision_config
     patches = mllm.vision_grid[0] * mllm.vision_grid[1]
@@ -214,29 +237,45 @@ def mllm_activation_bytes(system: Any, bytes_per_value: int = 2) -> int:
     return (kv_cache + vision_states + transients) * bytes_per_value
 
 
+def _conditions_on_meta(editor: Any, resolution: int, latent: tuple[int, int], dtype: torch.dtype) -> Any:
+    """The member's conditions for one edit on ``meta`` (MLLM and text encoder by shape), and their peak bytes."""
+    from insightedit.planning.meta_forward import example_batch, shared_modules_by_shape
+
+    batch = example_batch(editor, 1, resolution)
+    result: list[Any] = []
+    batch = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with shared_modules_by_shape(editor):
+        peak = peak_activation_bytes(lambda: result.append(editor.conditions(batch, latent)))
+    return result[0].to(torch.device("meta"), dtype), peak
+
+
 def counted_activations(system: Any, resolution: int, dtype: torch.dtype) -> dict[str, int]:
-    """UNet (batch 3), VAE and bridge activations counted on ``meta`` at ``resolution``², in ``dtype``."""
-    generation, bridge, mllm = system.generation, system.bridging.model, system.comprehension.model
+    """UNet (batch 3), VAE and ``bridge`` (the conditions) activations on ``meta`` at ``resolution``², in ``dtype``.
+
+    The UNet reads the conditions the member computes (their shapes: ``f_txt``, ``f_img``, ``v_txt``).
+    """
+    editor = _editor(system)
+    editor.to(device="meta", dtype=dtype)  # the edit's dtype throughout; nothing is allocated on meta
+    generation = editor.generation
     down = int(generation.latent_space.downsample)
     latent = (resolution // down, resolution // down)
-    unet = generation.unet.to(dtype)
-    width = int(unet.unet.config.cross_attention_dim)
+    conditions, bridge = _conditions_on_meta(editor, resolution, latent, dtype)
+    unet = generation.unet
+
+    def three(value: torch.Tensor | None) -> torch.Tensor | None:  # the three guidance branches as one batch
+        return None if value is None else value.expand(3, *value.shape[1:])
+
     with torch.device("meta"):
         noisy = torch.empty(3, unet.latent_channels, *latent, dtype=dtype)
-        f_txt = torch.empty(3, 77, width, dtype=dtype)
-        f_img = torch.empty(3, unet.num_image_tokens, width, dtype=dtype) if unet.image_projection else None
-        v_txt = torch.empty(3, int(unet.unet.config.block_out_channels[0]), *latent, dtype=dtype)
         image = torch.empty(1, 3, resolution, resolution, dtype=dtype)
-        h = torch.empty(1, mllm.num_mm_tokens, mllm.hidden_size, dtype=dtype)
-        patches = torch.empty(1, mllm.vision_grid[0] * mllm.vision_grid[1], mllm.vision_hidden_size, dtype=dtype)
         timestep = torch.tensor(500)
+    f_txt, embeds, v_txt = three(conditions.f_txt), three(conditions.image_embeds), three(conditions.v_txt)
     parts = {
-        "unet": peak_activation_bytes(lambda: unet(noisy, noisy, timestep, f_txt, f_img=f_img, v_txt=v_txt)),
-        "bridge": peak_activation_bytes(lambda: bridge.to(dtype)(h, patches, mllm.vision_grid, latent)),
+        "unet": peak_activation_bytes(lambda: unet(noisy, noisy, timestep, f_txt, image_embeds=embeds, v_txt=v_txt)),
+        "bridge": bridge,
     }
     vae = getattr(generation.latent_space, "vae", None)
     if vae is not None:
-        vae.to(dtype)
         encode = peak_activation_bytes(lambda: vae.encode(image))
         decode = peak_activation_bytes(lambda: vae.decode(noisy[:1]))
         parts["vae"] = max(encode, decode)
@@ -246,16 +285,20 @@ def counted_activations(system: Any, resolution: int, dtype: torch.dtype) -> dic
 
 
 def plan_edit_memory(system: Any, resolution: int = 512) -> list[EditMemory]:
-    """Peak edit memory for fp16 and bf16, 16-bit or 4-bit MLLM, in each memory mode (no sequential 4-bit)."""
+    """Peak edit memory for fp16 and bf16, 16-bit or 4-bit MLLM, in each memory mode (no sequential 4-bit).
+
+    Members without an MLLM get no 4-bit rows and no sequential rows (nothing to quantize or stream).
+    """
     activations = counted_activations(system, resolution, torch.float16)
     activations["mllm"] = mllm_activation_bytes(system)
     largest, streamed = streamed_block_bytes(system)
+    has_mllm = _editor(system).mllm is not None
     rows = []
     for dtype in ("float16", "bfloat16"):
-        for four_bit in (False, True):
+        for four_bit in (False, True) if has_mllm else (False,):
             weights = weight_bytes(system, four_bit)
             for mode in MODES:
-                if four_bit and mode == "sequential":
+                if (four_bit or not has_mllm) and mode == "sequential":
                     continue
                 rows.append(EditMemory(dtype, four_bit, mode, weights, dict(activations), largest, streamed))
     return rows

@@ -1,4 +1,10 @@
-"""What an InsightEdit system is made of: parameters and trainable parameters per named part."""
+"""What a member of the zoo is made of: parameters and trainable parameters per named part.
+
+Parts are found by the parameter's name in an :class:`~insightedit.systems.editor_system.EditorSystem`
+(``editor.<section>.…``) or in its :class:`~insightedit.models.editor.Editor` (``<section>.…``), the same
+for every member: a member has the parts its sections build, and parameters of a section this table does
+not know fall in ``other``.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-# (part, predicate on the parameter's name in the system); the first match wins
+SYSTEM_PREFIX = "editor."  # where an EditorSystem keeps its editor
+
+# (part, prefix of the parameter's name in the editor, substring it must contain); the first match wins
 PARTS: tuple[tuple[str, str, str], ...] = (
     ("lora", "comprehension.", "lora_"),
     ("mm_embeddings", "comprehension.", "new_rows"),
     ("llava", "comprehension.", ""),
-    ("qformer", "bridging.model.qformer.", ""),
-    ("bim", "bridging.model.bim.", ""),
-    ("mapper", "bridging.model.mapper.", ""),
-    ("clip_image_encoder", "bridging.model.clip_image_encoder.", ""),
+    ("qformer", "bridging.qformer.", ""),
+    ("bim", "bridging.bim.", ""),
+    ("mapper", "bridging.mapper.", ""),
+    ("clip_image_encoder", "bridging.clip_image_encoder.", ""),
+    ("edit_head", "head.", ""),
     ("image_branch", "generation.unet.image_projection.", ""),
     ("image_branch", "generation.unet.unet.", ".processor."),
     ("unet", "generation.unet.unet.", ""),
@@ -37,7 +46,8 @@ class ModuleCount:
 
 
 def part_of(name: str) -> str:
-    """The part a parameter of the system belongs to (``"other"`` if none)."""
+    """The part a parameter belongs to, by its name in a system or an editor (``"other"`` if none)."""
+    name = name.removeprefix(SYSTEM_PREFIX)
     for part, prefix, needle in PARTS:
         if name.startswith(prefix) and needle in name:
             return part
@@ -45,7 +55,7 @@ def part_of(name: str) -> str:
 
 
 def count_modules(system: nn.Module) -> dict[str, ModuleCount]:
-    """Counts per part, in :data:`PARTS` order; parts with no parameters are left out."""
+    """Counts per part of a system or an editor, in :data:`PARTS` order; parts with no parameters are left out."""
     counts: dict[str, ModuleCount] = {}
     linear_weights = {
         f"{name}.weight"

@@ -102,22 +102,33 @@ def _subfolder(source: str, name: str) -> dict[str, Any]:
     return {"pretrained_model_name_or_path": source, "subfolder": name}
 
 
-UNET_PREFIX = "unet.unet."  # where a GenerationModule's state dict keeps the diffusers UNet
+# where Lightning checkpoints keep the diffusers UNet: an EditorSystem (any member), a GenerationModule,
+# and a GenerationModule written before the generator moved into ``model``
+UNET_PREFIXES = ("editor.generation.unet.unet.", "model.unet.unet.", "unet.unet.")
 
 
 def load_unet_from_lightning_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
-    """Load the UNet of a text-conditioned ``GenerationModule`` Lightning checkpoint into ``unet``, every key.
+    """Load the UNet of a Lightning checkpoint into ``unet``, every key.
 
-    This is how a tiny twin starts from its own InstructPix2Pix stand-in (``insightedit fit --config
-    lightning_configs/tiny/instruct_pix2pix.yaml``), as the full system starts from ``timbrooks/instruct-pix2pix``.
+    The checkpoint is an ``EditorSystem``'s (``editor.generation.unet.unet.*``, e.g. the tiny
+    InstructPix2Pix member, ``insightedit fit --config lightning_configs/tiny/instruct_pix2pix.yaml``) or a
+    ``GenerationModule``'s (``model.unet.unet.*``, or ``unet.unet.*`` from before the zoo). This is how a
+    tiny twin starts from its own InstructPix2Pix stand-in, as the full system starts from
+    ``timbrooks/instruct-pix2pix``. An image branch in the checkpoint is left out (the members that have
+    one initialise it from the UNet's ``to_k``/``to_v``).
     """
     if not path.is_file():
         raise FileNotFoundError(f"generation.pretrained: checkpoint {path} not found")
     checkpoint = load_checkpoint(path, "generation.pretrained")  # weights only: a file naming code is refused
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    weights = {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    weights: dict[str, Any] = {}
+    for prefix in UNET_PREFIXES:  # the first prefix the checkpoint uses
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if weights:
+            break
     if not weights:
-        raise ValueError(f"generation.pretrained: {path} holds no UNet weights ({UNET_PREFIX}*)")
+        raise ValueError(f"generation.pretrained: {path} holds no UNet weights ({', '.join(UNET_PREFIXES)}*)")
+    weights = {k: v for k, v in weights.items() if ".processor." not in k}  # the image branch's to_k_ip/to_v_ip
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(
