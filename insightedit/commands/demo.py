@@ -1,4 +1,4 @@
-"""``insightedit demo``: a local Gradio app that edits uploaded images with an exported model folder.
+"""``insightedit demo``: a local Gradio app that edits uploaded images with an exported model folder (any member).
 
 Bound to 127.0.0.1 unless ``--host`` says otherwise; never shared through Gradio's tunnel. Needs the
 optional ``demo`` extra (``pip install 'insightedit[demo]'``).
@@ -51,7 +51,7 @@ def edit_upload(
 
 
 def build_demo(pipeline: Any, default_steps: int = 20) -> Any:
-    """The Gradio Blocks app around ``pipeline`` (an :class:`InsightEditPipeline`)."""
+    """The Gradio Blocks app around ``pipeline`` (an :class:`EditPipeline`); the λ slider only where it matters."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -65,14 +65,18 @@ def build_demo(pipeline: Any, default_steps: int = 20) -> Any:
         except UserError as error:
             raise gr.Error(str(error)) from None
 
-    with gr.Blocks(title="InsightEdit") as demo:
-        gr.Markdown("## InsightEdit: instruction-based image editing")
+    member = str(getattr(pipeline, "member", "insightedit"))
+    with gr.Blocks(title=f"insightedit: {member}") as demo:
+        gr.Markdown(f"## insightedit ({member}): instruction-based image editing")
         with gr.Row():
             with gr.Column():
                 # the uploaded file itself (no conversion by Gradio): read by the package's one reader
                 source = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="source")
                 instruction = gr.Textbox(label="Instruction", placeholder="remove the cup", elem_id="instruction")
-                scale = gr.Slider(0.0, 2.0, value=default_scale, step=0.05, label="λ (image branch)", elem_id="lambda")
+                scale = gr.Slider(
+                    0.0, 2.0, value=default_scale, step=0.05, label="λ (image branch)", elem_id="lambda",
+                    visible=bool(getattr(pipeline, "has_image_branch", True)),
+                )  # fmt: skip
                 text = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Text guidance", elem_id="text-guidance")
                 image_g = gr.Slider(1.0, 5.0, value=1.5, step=0.1, label="Image guidance", elem_id="image-guidance")
                 steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="steps")
@@ -98,9 +102,9 @@ def main(argv: list[str]) -> int:
     except ImportError:
         raise UserError("the demo needs Gradio: pip install 'insightedit[demo]'") from None
 
-    from insightedit.pipeline import InsightEditPipeline
+    from insightedit.pipeline import EditPipeline
 
-    pipeline = InsightEditPipeline.from_pretrained(
+    pipeline = EditPipeline.from_pretrained(
         args.model,
         device=args.device,
         dtype=args.dtype,

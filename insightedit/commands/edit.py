@@ -1,4 +1,4 @@
-"""``insightedit edit``: edit one image with an exported model folder and save the result.
+"""``insightedit edit``: edit one image with an exported model folder (any member of the zoo) and save the result.
 
 Everything the user gives is checked before the model is loaded, and every problem (a missing or
 non-image file, an image too large to decode safely, an empty instruction, an unreadable model folder,
@@ -10,6 +10,7 @@ full or read-only disk) is one line too and leaves an existing file at ``--out``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -19,7 +20,7 @@ from insightedit.errors import UserError
 from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
 
 SCHEDULER_NAMES = ("ddim", "euler_a", "dpm++")
-MEMORY_MODE_NAMES = ("full", "low", "sequential")  # InsightEditPipeline's memory_mode
+MEMORY_MODE_NAMES = ("full", "low", "sequential")  # EditPipeline's memory_mode
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,16 +30,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", help="auto (bf16/fp16 on a GPU, fp32 on the CPU), float32, bfloat16, float16"
     )
-    parser.add_argument("--4bit", dest="four_bit", action="store_true", help="load the MLLM's LLM in 4 bit (NF4)")
+    parser.add_argument(
+        "--4bit", dest="four_bit", action="store_true", help="load the MLLM's LLM in 4 bit (NF4; members with an MLLM)"
+    )
     memory = parser.add_mutually_exclusive_group()
     memory.add_argument(
         "--memory",
         choices=MEMORY_MODE_NAMES,
         default="full",
-        help="where the weights live during an edit: full (all on the accelerator; fastest), low (the MLLM and "
-        "bridge, then the UNet and VAE, take turns on it), sequential (as low, and the MLLM stays in CPU memory "
-        "and streams to the accelerator one layer at a time: least memory, ~2.2 GiB at 512x512 for the full "
-        "model, slowest; not with --4bit). Default: full",
+        help="where the weights live during an edit: full (all on the accelerator; fastest), low (what reads the "
+        "instruction, e.g. the MLLM and bridge, then the UNet and VAE, take turns on it), sequential (as low, and "
+        "the MLLM stays in CPU memory and streams to the accelerator one layer at a time: least memory, ~2.2 GiB "
+        "at 512x512 for full-size InsightEdit, slowest; not with --4bit; members without an MLLM: as low). "
+        "Default: full",
     )
     memory.add_argument(
         "--low-memory", dest="memory", action="store_const", const="low", help="the same as --memory low"
@@ -58,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, type=Path, help="the image to edit")
     parser.add_argument("--instruction", required=True, help="what to change, in words")
     parser.add_argument("--out", required=True, type=Path, help="where to write the edited image (.png, .jpg...)")
-    parser.add_argument("--lambda", dest="image_scale", type=float, default=None, help="λ, image-branch weight")
+    parser.add_argument(
+        "--lambda", dest="image_scale", type=float, default=None, help="λ, image-branch weight (members with one)"
+    )
     parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T (default 7.5)")
     parser.add_argument("--image-guidance", type=float, default=1.5, help="s_I (default 1.5)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
@@ -107,15 +113,17 @@ def main(argv: list[str]) -> int:
     out_format = check_output(args.out)
     source = read_image(args.image, max_pixels=args.max_pixels)
 
-    from insightedit.pipeline import InsightEditPipeline
+    from insightedit.pipeline import EditPipeline
 
-    pipeline = InsightEditPipeline.from_pretrained(
+    pipeline = EditPipeline.from_pretrained(
         args.model,
         device=args.device,
         dtype=args.dtype,
         quantization="4bit" if args.four_bit else None,
         memory_mode=args.memory,
     )
+    if args.image_scale is not None and not pipeline.has_image_branch:
+        print(f"note: member {pipeline.member} has no image branch; --lambda changes nothing", file=sys.stderr)
     result = pipeline(
         source,
         args.instruction,

@@ -1,10 +1,12 @@
-"""``insightedit export``: a training checkpoint → a self-contained model folder for ``edit`` and ``demo``.
+"""``insightedit export``: a checkpoint of any member → a self-contained model folder for ``edit`` and ``demo``.
 
-The system is rebuilt from the checkpoint's hyperparameters (the frozen parts from their presets or named
-weights), the trained weights are loaded, and :meth:`InsightEditPipeline.save_pretrained` writes the
-folder (layout: :mod:`insightedit.pipeline.folder`). A tiny model's folder holds every weight. A full-size
-folder references the frozen LLaVA base by the hub id or folder the checkpoint was trained on, unless
-``--include-base`` copies it (13.5 GB); everything else (LoRA, [MM] rows, bridge, UNet, VAE) is included.
+The :class:`EditorSystem` is rebuilt from the checkpoint's hyperparameters (its ``member``, the frozen
+parts from their presets or named weights), the trained weights are loaded, and
+:meth:`EditPipeline.save_pretrained` writes the member's parts one by one (layout:
+:mod:`insightedit.pipeline.folder`). A tiny model's folder holds every weight. A full-size folder of a
+member with an MLLM references the frozen LLaVA base by the hub id or folder the checkpoint was trained
+on, unless ``--include-base`` copies it (13.5 GB); everything else (LoRA, [MM] rows, bridge or head,
+UNet, VAE, text encoder) is included.
 
 The folder is written to a hidden temporary folder beside ``--out``, checked (every weight file and
 config reads back whole) and only then renamed to ``--out``: a full disk or a crash never leaves a
@@ -22,19 +24,19 @@ from typing import Any
 from insightedit.atomic_write import OutputNotWritten, atomic_folder, check_writable_folder, explain
 from insightedit.errors import UserError
 
-DERIVED_BUFFERS = ("generation.null_f_txt",)  # recomputed exactly from the frozen text encoder
-
 
 def load_system(ckpt_path: str | Path, training_seed: int = 0) -> tuple[Any, int | None]:
-    """The :class:`InsightEditSystem` of a checkpoint, rebuilt for inference, and the data's resolution.
+    """The :class:`EditorSystem` of any member's checkpoint, rebuilt for inference, and the data's resolution.
 
     The system is built after ``torch.manual_seed(training_seed)``, as LightningCLI builds it after
-    ``seed_everything``, so random buffers that a checkpoint does not keep (the BIM's Fourier features)
-    come out as they were in training when the seeds agree; a note names any such buffer.
+    ``seed_everything``, so random buffers that a checkpoint does not keep come out as they were in
+    training when the seeds agree; a note names any buffer the member says a checkpoint must keep
+    (:meth:`Editor.persistent_buffers`) that this one lacks.
     """
     import torch
 
-    from insightedit.systems.insightedit import InsightEditSystem
+    from insightedit.models.zoo import get_member
+    from insightedit.systems.editor_system import EditorSystem
     from insightedit.training.safe_load import load_checkpoint
 
     path = Path(ckpt_path)
@@ -42,18 +44,16 @@ def load_system(ckpt_path: str | Path, training_seed: int = 0) -> tuple[Any, int
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint or "preset" not in hparams:
         raise UserError(f"{path} is not an InsightEdit system checkpoint (no system hyperparameters)")
-    bridging = {**(hparams.get("bridging") or {}), "clip_pretrained": None}  # the IAA target is not exported
+    member = get_member(str(hparams.get("member", "insightedit")))  # checkpoints from before the zoo: insightedit
+    overrides: dict[str, Any] = {"init_from": None}
+    if "bridging" in member.sections:  # the CLIP tower that supervised the IAA Mapper is not exported
+        overrides["bridging"] = {**(hparams.get("bridging") or {}), "clip_pretrained": None}
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(training_seed)
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
-        system = InsightEditSystem.load_from_checkpoint(
-            path, map_location="cpu", weights_only=True, init_from=None, bridging=bridging
-        )
-    rebuilt = [
-        name
-        for name, _ in system.named_buffers()
-        if name not in checkpoint["state_dict"] and name not in DERIVED_BUFFERS and "clip_image_encoder" not in name
-    ]
+        system = EditorSystem.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    kept = {f"editor.{name}" for name in system.editor.persistent_buffers()}
+    rebuilt = sorted(kept - set(checkpoint["state_dict"]))
     if rebuilt:
         print(f"note: {path} lacks buffers {rebuilt}; rebuilt under seed {training_seed}", file=sys.stderr)
     resolution = (checkpoint.get("datamodule_hyper_parameters") or {}).get("resolution")
@@ -67,10 +67,10 @@ def export(
     overwrite: bool = False,
     training_seed: int = 0,
 ) -> Path:
-    """Write the model folder of ``ckpt_path`` to ``out``; return ``out``."""
+    """Write the model folder of ``ckpt_path`` (any member) to ``out``; return ``out``."""
     from safetensors import SafetensorError
 
-    from insightedit.pipeline import InsightEditPipeline
+    from insightedit.pipeline import EditPipeline
     from insightedit.pipeline.folder import read_model_index
 
     out = Path(out)
@@ -79,9 +79,9 @@ def export(
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
     check_writable_folder(out.parent, f"the model folder {out.name}")  # before the checkpoint is read
     system, resolution = load_system(ckpt_path, training_seed)
-    pipeline = InsightEditPipeline.from_system(system, resolution=resolution)
+    pipeline = EditPipeline.from_system(system, resolution=resolution)
     base = None
-    if pipeline.preset == "full" and not include_base:
+    if pipeline.preset == "full" and pipeline.mllm is not None and not include_base:
         base = (system.hparams.get("comprehension") or {}).get("pretrained")
         if not base:
             raise UserError("the checkpoint names no LLaVA base (comprehension.pretrained); use --include-base")
@@ -102,7 +102,7 @@ def export(
 def main(argv: list[str]) -> int:
     """Entry point of ``insightedit export``."""
     parser = argparse.ArgumentParser(prog="insightedit export", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a checkpoint of InsightEditSystem")
+    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a checkpoint of EditorSystem (any member)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument(
         "--include-base", action="store_true", help="copy the frozen LLaVA base too (full size; tiny always does)"

@@ -1,6 +1,6 @@
-"""Inference: ``InsightEditPipeline`` (image + instruction → edited image) and the exported model folder."""
+"""Inference: ``EditPipeline`` (image + instruction → edited image, any member) and the exported model folder."""
 
-from insightedit.pipeline.pipeline import EditOutput, InsightEditPipeline
+from insightedit.pipeline.pipeline import EditOutput, EditPipeline, InsightEditPipeline
 from insightedit.pipeline.settings import SCHEDULERS
 
-__all__ = ["SCHEDULERS", "EditOutput", "InsightEditPipeline"]
+__all__ = ["SCHEDULERS", "EditOutput", "EditPipeline", "InsightEditPipeline"]
