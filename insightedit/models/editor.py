@@ -89,6 +89,30 @@ class Editor(nn.Module):
         """What runs before the UNet at inference (the pipeline's first half in the low-memory modes)."""
         return []
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The editor's parts by name, as its constructor takes them (an exported folder saves each on its own).
+
+        The default is the direct submodules (``comprehension``, ``bridging``, ``head``, ``generation``...);
+        a member that keeps other submodules overrides it. :meth:`from_parts` is the inverse.
+        """
+        return dict(self.named_children())
+
+    def options(self) -> dict[str, Any]:
+        """The member's options (the registry's ``Member.options``, e.g. ``align_target``) with this editor's values.
+
+        Each option is read from the attribute of the same name; with :meth:`parts` it is what the
+        constructor takes.
+        """
+        from insightedit.models.zoo import get_member  # the registry imports this module
+
+        entry = get_member(self.member) if self.member else None
+        return {name: getattr(self, name) for name in (entry.options if entry else ())}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, nn.Module], **options: Any) -> Editor:
+        """Assemble the editor from its parts and options (what :meth:`parts` and :meth:`options` give)."""
+        return cls(**parts, **options)
+
     def persistent_buffers(self) -> set[str]:
         """Names (in this editor) of buffers drawn at build time that a checkpoint must keep."""
         return set()
