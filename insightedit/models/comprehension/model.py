@@ -5,6 +5,10 @@ RMSNorm, i.e. ``hidden_states[-1]`` as SmartEdit reads it), the vision tower's p
 LLaVA's own ``vision_feature_layer`` (-2 for LLaVA-1.5, before the projector, CLS dropped) for the
 bridge, and ``L_LLM``. Both come from the one LLaVA pass. Only the LoRA matrices and the new [MM] rows
 train (see :mod:`insightedit.models.comprehension.tokens` for how the old rows stay frozen).
+
+Members that have the MLLM write a text before the [MM] tokens (MGIE's expressive instruction) pass it
+as ``answers``: it is teacher-forced before the [MM] tokens and ``L_LLM`` covers its tokens too;
+:meth:`ComprehensionModel.generate_answers` writes it greedily at inference.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
-from insightedit.models.comprehension.prompts import EncodedPrompts, PromptEncoder
+from insightedit.models.comprehension.prompts import IGNORE_INDEX, IMAGE_TOKEN, EncodedPrompts, PromptEncoder
 from insightedit.models.comprehension.tokens import (
     NewRowsEmbedding,
     NewRowsHead,
@@ -42,7 +46,7 @@ class ComprehensionOutput:
 
     h: torch.Tensor  # (B, r, d_llm) last-layer hidden states at the [MM] positions
     vision_features: torch.Tensor  # (B, P, d_vision) patch features for the bridge
-    loss_llm: torch.Tensor | None  # NLL on the [MM] tokens (None when compute_loss=False)
+    loss_llm: torch.Tensor | None  # NLL on the answer and [MM] tokens (None when compute_loss=False)
 
 
 class ComprehensionModel(nn.Module):
@@ -139,19 +143,35 @@ class ComprehensionModel(nn.Module):
             rows.append(self.output_rows.new_rows)
         return {"lora": lora, "mm_embeddings": rows}
 
-    def encode(self, instructions: list[str], device: torch.device | str | None = None) -> EncodedPrompts:
-        """Tokenise instructions into prompts answered by the [MM] tokens."""
+    def encode(
+        self,
+        instructions: list[str],
+        device: torch.device | str | None = None,
+        answers: list[str] | None = None,
+    ) -> EncodedPrompts:
+        """Tokenise instructions into prompts answered by the [MM] tokens (after ``answers``, if given)."""
+        return self._prompts()(instructions, device, answers)
+
+    def _prompts(self) -> PromptEncoder:
         if self.prompts is None:
             raise RuntimeError("this comprehension model has no tokenizer (a meta build): load real weights")
-        return self.prompts(instructions, device)
+        return self.prompts
 
     def forward(
-        self, pixel_values: torch.Tensor, instructions: list[str], compute_loss: bool = True
+        self,
+        pixel_values: torch.Tensor,
+        instructions: list[str],
+        compute_loss: bool = True,
+        answers: list[str] | None = None,
     ) -> ComprehensionOutput:
-        """Read ``h`` (B, r, d_llm), patch features (B, P, d_vision) and ``L_LLM`` for CLIP-normalised images."""
+        """Read ``h`` (B, r, d_llm), patch features (B, P, d_vision) and ``L_LLM`` for CLIP-normalised images.
+
+        ``answers``: a text per row teacher-forced before the [MM] tokens; ``L_LLM`` is then the NLL of
+        its tokens and the [MM] tokens (else of the [MM] tokens alone).
+        """
         if len(instructions) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(instructions)} instructions")
-        batch = self.encode(list(instructions), pixel_values.device)
+        batch = self.encode(list(instructions), pixel_values.device, None if answers is None else list(answers))
         model = self.base_model
         vision_dtype = model.model.vision_tower.get_input_embeddings().weight.dtype
         out = model.model(
@@ -167,10 +187,77 @@ class ComprehensionModel(nn.Module):
         patches = out.image_outputs.hidden_states[self.vision_feature_layer][:, 1:]  # (B, P, d_vision)
         loss = None
         if compute_loss:
-            predicts_mm = batch.mm_mask[:, 1:]  # (B, L-1): the next token is an [MM] token
-            logits = self.output_rows(hidden[:, :-1][predicts_mm])  # (B*r, V')
-            loss = F.cross_entropy(logits.float(), batch.labels[:, 1:][predicts_mm])
+            predicts = batch.labels[:, 1:] != IGNORE_INDEX  # (B, L-1): the next token is labelled (answer, [MM])
+            logits = self.output_rows(hidden[:, :-1][predicts])  # (N, V')
+            loss = F.cross_entropy(logits.float(), batch.labels[:, 1:][predicts])
         return ComprehensionOutput(h=h, vision_features=patches, loss_llm=loss)
+
+    @torch.no_grad()
+    def generate_answers(
+        self, pixel_values: torch.Tensor, instructions: list[str], max_new_tokens: int = 32
+    ) -> list[str]:
+        """Greedily write each row's answer to (image, instruction), up to its first [MM] token or EOS.
+
+        Deterministic (argmax, no sampling); at most ``max_new_tokens`` tokens a row (``0``: empty
+        answers). The text returned is what :meth:`forward` takes as ``answers``.
+        """
+        if len(instructions) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(instructions)} instructions")
+        prompts = self._prompts()
+        if max_new_tokens <= 0:
+            return [""] * len(instructions)
+        batch = prompts.heads(list(instructions), pixel_values.device)
+        model = self.base_model
+        vision_dtype = model.model.vision_tower.get_input_embeddings().weight.dtype
+        stop = torch.tensor([*prompts.mm_token_ids, self.eos_token_id], device=pixel_values.device)
+        tokenizer = prompts.tokenizer
+        banned = [prompts.image_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id]  # never part of a text
+        banned_ids = torch.tensor([i for i in banned if i is not None and i != self.eos_token_id])
+        mask, positions = batch.attention_mask, batch.position_ids
+        out = model.model(
+            input_ids=batch.input_ids,
+            pixel_values=pixel_values.to(vision_dtype),
+            attention_mask=mask,
+            position_ids=positions,
+            vision_feature_layer=self.vision_feature_layer,
+            use_cache=True,
+        )
+        done = torch.zeros(len(instructions), dtype=torch.bool, device=pixel_values.device)
+        written: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            logits = self.output_rows(out.last_hidden_state[:, -1]).float()  # (B, V')
+            logits[:, banned_ids.to(logits.device)] = -torch.inf
+            token = logits.argmax(dim=-1)  # (B,)
+            done |= torch.isin(token, stop)
+            if bool(done.all()):
+                break
+            written.append(torch.where(done, stop[-1], token))
+            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                cache=out.cache,
+                use_cache=True,
+            )
+        if not written:
+            return [""] * len(instructions)
+        ids = torch.stack(written, dim=1).tolist()  # (B, T)
+        texts = []
+        for row in ids:
+            kept = row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            for reserved in (IMAGE_TOKEN, *self.mm_tokens):  # pieces that spell one would read as that token
+                text = text.replace(reserved, " ")
+            texts.append(" ".join(text.split()))
+        return texts
+
+    @property
+    def eos_token_id(self) -> int:
+        """The id that ends a generated answer (besides the [MM] tokens)."""
+        tokenizer = self._prompts().tokenizer
+        return int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id)
 
     def _rows_metadata(self) -> dict[str, str]:
         """What a saved set of [MM] rows must match to be loaded."""
