@@ -26,6 +26,7 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 # returns an exit code. Add a subcommand by adding a line here.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("insightedit.commands.data:main", "Make, check and convert AdvancedEdit datasets."),
+    "zoo": ("insightedit.commands.zoo:main", "The zoo's members: what each reads, its size and its stages."),
     "plan": ("insightedit.commands.plan:main", "Parameters and memory per device of a config, before any download."),
     "evaluate": ("insightedit.commands.evaluate:main", "Score a folder of edited images with a named protocol."),
     "export": ("insightedit.commands.export:main", "Turn a checkpoint into a self-contained model folder."),
@@ -36,7 +37,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = [
-        f"insightedit {__version__}: InsightEdit instruction-based image editing.",
+        f"insightedit {__version__}: a zoo of instruction-based image editors (InsightEdit and its relatives).",
         "",
         "usage: insightedit <command> [options]      (insightedit <command> --help for its options)",
         "",
