@@ -114,7 +114,7 @@ class EditHead(nn.Module):
         expressive_tokens: int = 32,
     ) -> None:
         super().__init__()
-        self.config: dict[str, int] = {
+        self._config: dict[str, int] = {
             "d_llm": d_llm,
             "text_dim": text_dim,
             "width": width,
@@ -157,6 +157,10 @@ class EditHead(nn.Module):
             custom_decoder=decoder,
         )
         self.out_proj = nn.Linear(width, text_dim)
+
+    def get_config(self) -> dict[str, int]:
+        """The keyword arguments that rebuild this head (an exported folder's ``config.json``)."""
+        return dict(self._config)
 
     def forward(self, states: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
         """``states`` (B, r, d_llm) and the visual tokens' embedding rows (r, d_llm) → (B, Q, text_dim)."""
@@ -218,9 +222,10 @@ class MGIEEditor(Editor):
         if generation.unet.image_embed_dim is not None:
             raise ValueError("MGIE has no image branch: set generation.image_embed_dim to 0")
         text_dim = int(generation.unet.unet.config.cross_attention_dim)
-        if head.config["d_llm"] != comprehension.hidden_size or head.config["text_dim"] != text_dim:
+        sizes = head.get_config()
+        if sizes["d_llm"] != comprehension.hidden_size or sizes["text_dim"] != text_dim:
             raise ValueError(
-                f"the edit head maps {head.config['d_llm']} -> {head.config['text_dim']}, but the MLLM is "
+                f"the edit head maps {sizes['d_llm']} -> {sizes['text_dim']}, but the MLLM is "
                 f"{comprehension.hidden_size} wide and the UNet reads {text_dim}"
             )
         null_length = int(generation.null_f_txt.shape[1])
