@@ -22,6 +22,7 @@ from insightedit.models.editor import Editor
 from insightedit.models.stages import StageSettings, resolve_stage
 from insightedit.models.zoo import build_editor, get_member
 from insightedit.systems.generation import log_skipped_samples
+from insightedit.systems.prediction import PredictionRun, PredictSettings, done_ids, merge_journals, summary_line
 from insightedit.training.safe_load import check_distributed_checkpoint, load_checkpoint
 from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
 
@@ -48,6 +49,8 @@ class EditorSystem(L.LightningModule):
         evaluation: settings of ``insightedit test`` (:class:`insightedit.evaluation.model_test.TestSettings`).
         sharding: FSDP2 settings used under ``ModelParallelStrategy`` / ``FSDP2Strategy``
             (:class:`insightedit.training.sharding.ShardingSettings`); ignored by other strategies.
+        prediction: settings of ``insightedit predict``: output folder and sampling
+            (:class:`insightedit.systems.prediction.PredictSettings`).
     """
 
     def __init__(
@@ -66,9 +69,12 @@ class EditorSystem(L.LightningModule):
         warmup_steps: int = 0,
         evaluation: dict[str, Any] | None = None,
         sharding: dict[str, Any] | None = None,
+        prediction: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # predict settings stay out of checkpoints: Lightning's CLI lets a --ckpt_path's hyperparameters
+        # override the command line, so a stored prediction section would hide --model.init_args.prediction
+        self.save_hyperparameters(ignore=["prediction"])
         editor_class = get_member(member).editor_class()
         self.stage: StageSettings = resolve_stage(
             stage,
@@ -80,6 +86,8 @@ class EditorSystem(L.LightningModule):
             editor_class.optimizer_groups,
         )
         self.sharding = ShardingSettings.from_config(sharding)
+        self.prediction = PredictSettings.from_config(prediction)
+        self._predict_run: PredictionRun | None = None
         sections = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
         self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)
         self.strict_loading = False  # checkpoints hold only trained weights; on_load_checkpoint checks them
@@ -299,6 +307,49 @@ class EditorSystem(L.LightningModule):
             json_path, csv_path = run.write(report, out_dir)
             print(run.table(report))
             print(f"report: {json_path} and {csv_path}")
+
+    # --------------------------------------------------------------------------------------- predict
+    def setup(self, stage: str) -> None:
+        """``predict``: list the edits already in the output folder and leave them out of the data.
+
+        Rank 0 lists ``<out>/*.png`` and every rank receives that list, so all ranks shard the same
+        remaining records (Lightning's predict sampler splits them without repeating any).
+        """
+        if stage != "predict":
+            return
+        if not self.stage.use_unet:
+            raise UserError(f"stage {self.stage.name!r} has no UNet and cannot edit: predict with a stage 2 or 3 model")
+        out_dir = Path(self.prediction.out_dir or Path(self.trainer.default_root_dir) / "predictions")
+        run = PredictionRun(self.prediction, out_dir, self.global_rank)
+        done = self.trainer.strategy.broadcast(done_ids(out_dir) if self.trainer.is_global_zero else None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "skip_predictions"):
+            run.skipped = datamodule.skip_predictions(done)
+        else:  # a data module that cannot filter: its batches still hold them, the run passes them over
+            run.skip = done
+        self._predict_run = run
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Edit the batch and write each edit as ``<out>/<id>.png`` (see :mod:`insightedit.systems.prediction`)."""
+        if self._predict_run is None:
+            raise RuntimeError("predict_step ran before setup('predict')")
+        self._predict_run.edit_batch(self.editor, batch)
+
+    def on_predict_end(self) -> None:
+        """Gather every rank's counts; rank 0 merges the journals into ``predictions.jsonl`` and says what was done."""
+        run = self._predict_run
+        if run is None:
+            return
+        shares: list[Any] = [(run.written, run.failed)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shares, (run.written, run.failed))
+        if self.trainer.is_global_zero:
+            written = sum(share[0] for share in shares)
+            failed = {key: value for share in shares for key, value in share[1].items()}
+            listed = merge_journals(run.out_dir)
+            print(summary_line(run.out_dir, written, run.skipped, failed, listed))
+        self._predict_run = None
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
