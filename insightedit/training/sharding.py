@@ -1,18 +1,21 @@
-"""FSDP2 sharding of the InsightEdit system, and the Lightning strategy that trains and checkpoints it.
+"""FSDP2 sharding of any member of the zoo, and the Lightning strategy that trains and checkpoints it.
 
 Under Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` (or :class:`FSDP2Strategy`,
-its subclass here), :meth:`InsightEditSystem.configure_model` calls :func:`shard_system`, which applies
+its subclass here), :meth:`EditorSystem.configure_model` calls :func:`shard_system`, which applies
 PyTorch's ``fully_shard`` (FSDP2: every parameter becomes a ``DTensor`` sharded on dim 0 over the
-data-parallel mesh) bottom-up:
+data-parallel mesh) bottom-up. What is sharded is found by the kind of module, never by the member:
 
 1. **blocks**: every transformers ``GradientCheckpointingLayer`` (the LLaMA decoder layers, the CLIP
    encoder layers of LLaVA's vision tower and of the SD text encoder, the Q-Former layers), open_clip's
-   ``ResidualAttentionBlock`` (the IAA target's CLIP tower) and each UNet's down, mid and up blocks;
-   optionally with activation checkpointing (``torch.distributed._composable.checkpoint``, which keeps
-   parameter names, so checkpoints match non-sharded runs);
-2. **units**: the comprehension model (embeddings, projector, norms, [MM] rows), the editing UNet (conv
-   in/out, time embedding) and its image projection, the VAE, the text encoder, the CLIP image encoder,
-   the Q-Former, the BIM and the IAA Mapper;
+   ``ResidualAttentionBlock`` (the IAA target's CLIP tower), PyTorch's transformer encoder and decoder
+   layers (MGIE's edit head) and each UNet's down, mid and up blocks; optionally with activation
+   checkpointing (``torch.distributed._composable.checkpoint``, which keeps parameter names, so
+   checkpoints match non-sharded runs);
+2. **units**: the shared modules (the MLLM with its embeddings, projector, norms and token rows; the
+   editing UNet with its conv in/out and time embedding; its image projection; the VAE; the text encoder;
+   the CLIP image encoder; the Q-Former, BIM and IAA Mapper), then every part of the editor (a direct
+   child of the :class:`~insightedit.models.editor.Editor`, e.g. MGIE's edit head) that still holds
+   parameters of its own;
 3. **the root**: the system itself (whatever is left, and FSDP2's lazy initialisation).
 
 FSDP2 gathers a unit's parameters only in its ``forward``; methods the system calls on a unit outside
@@ -118,7 +121,7 @@ def _unit_types() -> dict[type[nn.Module], tuple[str, ...]]:
     from insightedit.models.text_encoder import FrozenTextEncoder
 
     return {
-        ComprehensionModel: (),
+        ComprehensionModel: ("generate_answers",),  # MGIE writes its expressive instruction before the edit
         EditUNet: (),
         # its own unit: the sampler calls EditUNet.project_image_embeds outside the UNet's forward, and a
         # method registered on EditUNet would reshard the UNet when the forward itself calls it
@@ -138,8 +141,10 @@ def sharded_blocks(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     from open_clip.transformer import ResidualAttentionBlock
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    torch_layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    layers = (GradientCheckpointingLayer, ResidualAttentionBlock, *torch_layers)
     for name, module in root.named_modules():
-        if isinstance(module, (GradientCheckpointingLayer, ResidualAttentionBlock)):
+        if isinstance(module, layers):
             yield name, module
         elif isinstance(module, UNet2DConditionModel):
             unet: Any = module  # diffusers builds these attributes in __init__ (untyped)
@@ -152,13 +157,26 @@ def sharded_blocks(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def sharded_units(root: nn.Module) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
-    """(name, module, non-forward methods) of every unit, deepest first, so children shard before parents."""
+    """(name, module, non-forward methods) of every unit, deepest first, so children shard before parents.
+
+    Units are the shared modules of ``_unit_types`` and every part of an editor (a direct child of an
+    :class:`~insightedit.models.editor.Editor`) left with parameters that no block or shared unit holds.
+    """
+    from insightedit.models.editor import Editor
+
     types = _unit_types()
     units: list[tuple[str, nn.Module, tuple[str, ...]]] = []
     for name, module in root.named_modules():
         methods = [methods for kind, methods in types.items() if isinstance(module, kind)]
         if methods:
-            units.append((name, module, methods[0]))
+            units.append((name, module, tuple(m for m in methods[0] if hasattr(module, m))))
+    covered = {id(p) for _, unit, _ in units for p in unit.parameters()}
+    covered |= {id(p) for _, block in sharded_blocks(root) for p in block.parameters()}
+    for name, module in root.named_modules():
+        if isinstance(module, Editor):
+            for child, part in module.named_children():
+                if any(id(p) not in covered for p in part.parameters()):
+                    units.append((f"{name}.{child}" if name else child, part, ()))
     return sorted(units, key=lambda unit: -unit[0].count("."))
 
 
@@ -233,7 +251,7 @@ def shard_system(
     from torch.distributed.tensor import DTensor
 
     counts = {"blocks": 0, "units": 0, "checkpointed": 0}
-    # these two return views (h, the Q-Former's output) that nothing modifies in place
+    # these return views (h, the Q-Former's output) that nothing modifies in place
     warnings.filterwarnings(
         "ignore", message=r"FSDP2-wrapped module \(FSDP(ComprehensionModel|QFormerBridge)\) returned a view"
     )
@@ -269,7 +287,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         data_parallel_size: processes that shard the model; ``"auto"``: every process (world size /
             ``tensor_parallel_size``), so one config runs on 8 GPUs or on ``N`` nodes of 8.
-        tensor_parallel_size: 1 (the InsightEdit system applies no tensor parallelism).
+        tensor_parallel_size: 1 (the zoo's systems apply no tensor parallelism).
         save_distributed_checkpoint: ``False``: ``last.ckpt`` is one file, gathered on rank 0;
             ``True``: a folder of per-rank shards (``torch.distributed.checkpoint``) plus ``meta.pt``.
             Either holds only what the module's ``saved_names()`` keeps.
