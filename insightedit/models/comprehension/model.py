@@ -47,6 +47,7 @@ class ComprehensionOutput:
     h: torch.Tensor  # (B, r, d_llm) last-layer hidden states at the [MM] positions
     vision_features: torch.Tensor  # (B, P, d_vision) patch features for the bridge
     loss_llm: torch.Tensor | None  # NLL on the answer and [MM] tokens (None when compute_loss=False)
+    mm_rows: torch.Tensor | None = None  # (B, r, d_llm) the [MM] tokens' input embeddings, when asked for
 
 
 class ComprehensionModel(nn.Module):
@@ -163,11 +164,14 @@ class ComprehensionModel(nn.Module):
         instructions: list[str],
         compute_loss: bool = True,
         answers: list[str] | None = None,
+        return_mm_rows: bool = False,
     ) -> ComprehensionOutput:
         """Read ``h`` (B, r, d_llm), patch features (B, P, d_vision) and ``L_LLM`` for CLIP-normalised images.
 
         ``answers``: a text per row teacher-forced before the [MM] tokens; ``L_LLM`` is then the NLL of
-        its tokens and the [MM] tokens (else of the [MM] tokens alone).
+        its tokens and the [MM] tokens (else of the [MM] tokens alone). ``return_mm_rows``: also give the
+        [MM] rows of the input embedding, copied in this forward (so that a caller may use them and
+        train them where the parameter itself is sharded outside the forward, as under FSDP).
         """
         if len(instructions) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(instructions)} instructions")
@@ -190,7 +194,10 @@ class ComprehensionModel(nn.Module):
             predicts = batch.labels[:, 1:] != IGNORE_INDEX  # (B, L-1): the next token is labelled (answer, [MM])
             logits = self.output_rows(hidden[:, :-1][predicts])  # (N, V')
             loss = F.cross_entropy(logits.float(), batch.labels[:, 1:][predicts])
-        return ComprehensionOutput(h=h, vision_features=patches, loss_llm=loss)
+        rows = None
+        if return_mm_rows:
+            rows = self.input_rows.new_rows.unsqueeze(0).repeat(pixel_values.shape[0], 1, 1)  # (B, r, d_llm)
+        return ComprehensionOutput(h=h, vision_features=patches, loss_llm=loss, mm_rows=rows)
 
     @torch.no_grad()
     def generate_answers(

@@ -163,7 +163,7 @@ class EditHead(nn.Module):
         return dict(self._config)
 
     def forward(self, states: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
-        """``states`` (B, r, d_llm) and the visual tokens' embedding rows (r, d_llm) → (B, Q, text_dim)."""
+        """``states`` (B, r, d_llm) and the visual tokens' embedding rows ((B,) r, d_llm) → (B, Q, text_dim)."""
         hidden = self.in_proj(states + token_rows.to(states.dtype))  # (B, r, width)
         queries = self.queries.expand(states.shape[0], -1, -1).to(hidden.dtype)  # (B, Q, width)
         return self.out_proj(self.transformer(hidden, queries))  # (B, Q, text_dim)
@@ -274,10 +274,14 @@ class MGIEEditor(Editor):
         explicit = batch.get("plain_instruction")
         if explicit is None:
             explicit = self.expressive_instructions(pixels, instructions)
-        understood = self.comprehension(pixels, instructions, compute_loss="llm" in losses, answers=list(explicit))
+        understood = self.comprehension(
+            pixels, instructions, compute_loss="llm" in losses, answers=list(explicit), return_mm_rows=True
+        )
         weight = next(self.head.parameters())
         states = understood.h.to(weight.dtype)  # (B, r, d_llm)
-        rows = self.comprehension.input_rows.new_rows  # (r, d_llm), the visual tokens' embeddings
+        rows = understood.mm_rows  # (B, r, d_llm), the visual tokens' embeddings, read inside the MLLM's forward
+        if rows is None:  # a stand-in MLLM (shape-only planning) gives none: the parameter is whole there
+            rows = self.comprehension.input_rows.new_rows
         f_txt = self.head(states, rows)  # (B, 77, D_txt)
         aux: dict[str, torch.Tensor] = {}
         if "llm" in losses:
