@@ -50,9 +50,9 @@ def by_setting(rows: list[dict]) -> dict[tuple, dict]:
 
 def test_tiny_edit_plan_orders_the_settings():
     from insightedit.planning.edit_memory import plan_edit_memory
-    from insightedit.systems.insightedit import InsightEditSystem
+    from insightedit.systems.editor_system import EditorSystem
 
-    system = InsightEditSystem(preset="tiny", generation={"latent": "vae"}).to("meta")
+    system = EditorSystem(member="insightedit", preset="tiny", generation={"latent": "vae"}).to("meta")
     rows = {(r.dtype, r.four_bit, r.memory_mode): r for r in plan_edit_memory(system, 64)}
     assert len(rows) == 10  # 2 dtypes x (full, low, sequential with the 16-bit MLLM; full, low with the 4-bit)
     for dtype in ("float16", "bfloat16"):

@@ -12,27 +12,34 @@ from torch import nn
 
 from insightedit.cli import main
 from insightedit.errors import UserError
-from insightedit.pipeline import InsightEditPipeline
+from insightedit.pipeline import EditPipeline
 from insightedit.pipeline.offload import SequentialOffload, hooked_block_names, offload_blocks
-from insightedit.systems.insightedit import InsightEditSystem
+from insightedit.systems.editor_system import EditorSystem
 
 INSTRUCTION = "remove the red circle"
 
 
 @pytest.fixture(scope="module")
-def pipe() -> InsightEditPipeline:
+def pipe() -> EditPipeline:
     torch.manual_seed(0)
-    system = InsightEditSystem(preset="tiny", stage=3).eval()
+    system = EditorSystem(member="insightedit", preset="tiny", stage=3).eval()
+    editor = system.editor
     with torch.no_grad():  # off zero, as training leaves them: the BIM and image branch then matter
         g = torch.Generator().manual_seed(1)
-        for parameter in list(system.bridging.model.bim.parameters()) + list(
-            system.generation.unet.image_branch_parameters()
+        for parameter in list(editor.bridging.bim.parameters()) + list(
+            editor.generation.unet.image_branch_parameters()
         ):
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=g))
-    return InsightEditPipeline.from_system(system, resolution=32)
+    return EditPipeline.from_system(system, resolution=32)
 
 
-def edit(pipe: InsightEditPipeline, image: torch.Tensor) -> torch.Tensor:
+def conditions(pipe: EditPipeline, image: torch.Tensor) -> list[torch.Tensor]:
+    """The member's conditions for one image (f_txt, v_txt, IAA embedding)."""
+    found = pipe.conditions([image], [INSTRUCTION], (16, 16))
+    return [found.f_txt, found.v_txt, found.image_embeds]
+
+
+def edit(pipe: EditPipeline, image: torch.Tensor) -> torch.Tensor:
     return pipe(image, INSTRUCTION, seed=3, num_inference_steps=2, text_guidance=3.0, output_type="pt").images[0]
 
 
@@ -45,13 +52,13 @@ def no_hooks_left(module: nn.Module) -> bool:
 
 def test_sequential_edit_equals_the_full_edit_bit_for_bit_and_the_hooks_come_off(pipe):
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
-    before = {name: tensor.clone() for name, tensor in pipe.comprehension.state_dict().items()}
+    before = {name: tensor.clone() for name, tensor in pipe.mllm.state_dict().items()}
     full = edit(pipe, image)
-    understood = pipe.understand([image], [INSTRUCTION])
+    understood = conditions(pipe, image)
 
     pipe.set_memory_mode("sequential")
     assert pipe.memory_mode == "sequential" and pipe.low_memory
-    mllm = pipe.comprehension
+    mllm = pipe.mllm
     assert {p.device.type for p in mllm.parameters()} == {"meta"}  # the real weights are the hooks'
     blocks = offload_blocks(mllm)
     assert hooked_block_names(mllm) == [block.name for block in blocks]  # the planner lists what is installed
@@ -62,9 +69,9 @@ def test_sequential_edit_equals_the_full_edit_bit_for_bit_and_the_hooks_come_off
     assert any("lora_A" in name for name, _ in decoder[0].module.named_parameters())
 
     streamed = edit(pipe, image)
-    again = pipe.understand([image], [INSTRUCTION])
+    again = conditions(pipe, image)
     assert torch.equal(streamed, full)
-    assert torch.equal(again.h, understood.h) and torch.equal(again.vision_features, understood.vision_features)
+    assert all(torch.equal(a, b) for a, b in zip(again, understood, strict=True))
     assert {p.device.type for p in mllm.parameters()} == {"meta"}  # dropped again after the forward
 
     pipe.set_memory_mode("full")
@@ -101,18 +108,18 @@ def test_the_offload_keeps_tied_weights_tied():
 def test_sequential_from_a_folder_saves_and_refuses_the_4bit_mllm(tmp_path, pipe):
     folder = pipe.save_pretrained(tmp_path / "model")
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
-    resident = InsightEditPipeline.from_pretrained(folder, device="cpu", dtype="float32")
-    loaded = InsightEditPipeline.from_pretrained(folder, device="cpu", dtype="float32", memory_mode="sequential")
+    resident = EditPipeline.from_pretrained(folder, device="cpu", dtype="float32")
+    loaded = EditPipeline.from_pretrained(folder, device="cpu", dtype="float32", memory_mode="sequential")
     assert resident.memory_mode == "full" and resident.offload is None
     assert loaded.memory_mode == "sequential" and loaded.offload is not None
     assert torch.equal(edit(loaded, image), edit(resident, image))
     loaded.save_pretrained(tmp_path / "again")  # writes the real weights, then streams again
-    assert loaded.offload is not None and {p.device.type for p in loaded.comprehension.parameters()} == {"meta"}
+    assert loaded.offload is not None and {p.device.type for p in loaded.mllm.parameters()} == {"meta"}
     assert (tmp_path / "again" / "comprehension" / "adapter" / "mm_embeddings.safetensors").is_file()
     with pytest.raises(UserError, match="16-bit"):
-        InsightEditPipeline.from_pretrained(folder, device="cpu", quantization="4bit", memory_mode="sequential")
+        EditPipeline.from_pretrained(folder, device="cpu", quantization="4bit", memory_mode="sequential")
     with pytest.raises(UserError, match="unknown memory mode"):
-        InsightEditPipeline.from_pretrained(folder, device="cpu", memory_mode="tiny")
+        EditPipeline.from_pretrained(folder, device="cpu", memory_mode="tiny")
 
 
 def test_edit_command_memory_flags(tmp_path, capsys):
