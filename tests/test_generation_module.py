@@ -1,21 +1,25 @@
-"""GenerationModule: against diffusers' InstructPix2Pix pipeline, what trains, learning, presets."""
+"""GenerationModule and its EditGenerator (``.model``): against diffusers' InstructPix2Pix pipeline, what trains,
+learning, presets, save and load."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
 
+from insightedit.models.generation.generator import EditGenerator
 from insightedit.models.generation.presets import build_generation_components
 from insightedit.systems.generation import GenerationModule
 
 SMALL_UNET = {"block_out_channels": (32, 64), "norm_num_groups": 8}
 
 
-def vae_module(**kwargs) -> GenerationModule:
-    """A tiny InstructPix2Pix: 4-channel latent from a tiny VAE, UNet widened to 8 inputs."""
+def vae_module(**kwargs) -> EditGenerator:
+    """A tiny InstructPix2Pix: 4-channel latent from a tiny VAE, UNet widened to 8 inputs (the module's generator)."""
     torch.manual_seed(0)
-    return GenerationModule(
+    module = GenerationModule(
         preset="tiny", latent="vae", unet_config={**SMALL_UNET, "in_channels": 4, "out_channels": 4}, **kwargs
-    ).eval()
+    )
+    assert isinstance(module.model, EditGenerator)
+    return module.model.eval()
 
 
 def test_one_denoising_run_matches_diffusers_instruct_pix2pix_pipeline():
@@ -36,23 +40,36 @@ def test_one_denoising_run_matches_diffusers_instruct_pix2pix_pipeline():
     )
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
-        prompt=prompts, image=(source + 1) / 2, num_inference_steps=6, guidance_scale=7.5, image_guidance_scale=1.5,
-        generator=torch.Generator().manual_seed(7), output_type="pt",
+        prompt=prompts,
+        image=(source + 1) / 2,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        image_guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
     ).images
     ours = module.edit(
-        source, instructions=prompts, num_inference_steps=6, text_guidance=7.5, image_guidance=1.5,
+        source,
+        instructions=prompts,
+        num_inference_steps=6,
+        text_guidance=7.5,
+        image_guidance=1.5,
         generator=torch.Generator().manual_seed(7),
     )
     torch.testing.assert_close((ours + 1) / 2, theirs, rtol=0, atol=1e-5)
     # and the guidance really matters: another text guidance gives another image
     other = module.edit(
-        source, instructions=prompts, num_inference_steps=6, text_guidance=1.0, image_guidance=1.5,
+        source,
+        instructions=prompts,
+        num_inference_steps=6,
+        text_guidance=1.0,
+        image_guidance=1.5,
         generator=torch.Generator().manual_seed(7),
     )
     assert (other - ours).abs().max() > 1e-3
 
 
-def _trained_names(module: GenerationModule, **batch_extra) -> set[str]:
+def _trained_names(module: EditGenerator, **batch_extra) -> set[str]:
     module.train()
     module.zero_grad()
     source = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -62,11 +79,16 @@ def _trained_names(module: GenerationModule, **batch_extra) -> set[str]:
 
 
 def test_gradients_reach_only_the_image_branch_when_the_unet_is_frozen():
-    module = vae_module(train_unet=False, train_image_branch=True, drop_text_prob=0, drop_both_prob=0,
-                        drop_source_prob=0)
+    module = vae_module(
+        train_unet=False, train_image_branch=True, drop_text_prob=0, drop_both_prob=0, drop_source_prob=0
+    )
     names = _trained_names(module, image_embeds=torch.randn(4, 32))
-    expected = {"unet.image_projection.image_embeds.weight", "unet.image_projection.image_embeds.bias",
-                "unet.image_projection.norm.weight", "unet.image_projection.norm.bias"}
+    expected = {
+        "unet.image_projection.image_embeds.weight",
+        "unet.image_projection.image_embeds.bias",
+        "unet.image_projection.norm.weight",
+        "unet.image_projection.norm.bias",
+    }
     expected |= {n for n, _ in module.named_parameters() if ".to_k_ip." in n or ".to_v_ip." in n}
     assert names == expected
     # 4 image-projection tensors + to_k_ip and to_v_ip in each of the 4 cross-attention layers
@@ -88,7 +110,7 @@ def test_gradients_reach_the_whole_unet_and_nothing_frozen():
 
 
 def test_cfg_dropout_rates_match_instruct_pix2pix():
-    module = GenerationModule(preset="tiny", unet_config=SMALL_UNET)
+    module = GenerationModule(preset="tiny", unet_config=SMALL_UNET).model
     drop_text, drop_source = module._cfg_dropout(200_000, torch.Generator().manual_seed(0), torch.device("cpu"))
     only_text = (drop_text & ~drop_source).float().mean().item()
     only_source = (drop_source & ~drop_text).float().mean().item()
@@ -99,19 +121,23 @@ def test_cfg_dropout_rates_match_instruct_pix2pix():
 
 def test_a_few_hundred_steps_on_a_fixed_batch_drive_the_loss_down():
     torch.manual_seed(0)
-    module = GenerationModule(preset="tiny", learning_rate=2e-3, weight_decay=0.0,
-                              drop_text_prob=0, drop_both_prob=0, drop_source_prob=0)
+    module = GenerationModule(
+        preset="tiny", learning_rate=2e-3, weight_decay=0.0, drop_text_prob=0, drop_both_prob=0, drop_source_prob=0
+    )
     g = torch.Generator().manual_seed(0)
     source = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
     target = source.clone()
     target[:, 0, 8:20, 8:20] = 1.0  # paint a red square
-    f_txt = module.encode_text(["paint a red square"] * 4)
+    generator = module.model
+    f_txt = generator.encode_text(["paint a red square"] * 4)
 
     def held_loss() -> float:
         module.eval()
         with torch.no_grad():
-            losses = [module.diffusion_loss(source, target, f_txt, generator=torch.Generator().manual_seed(s))
-                      for s in range(8)]
+            losses = [
+                generator.diffusion_loss(source, target, f_txt, generator=torch.Generator().manual_seed(s))
+                for s in range(8)
+            ]
         module.train()
         return float(torch.stack(losses).mean())
 
@@ -119,7 +145,7 @@ def test_a_few_hundred_steps_on_a_fixed_batch_drive_the_loss_down():
     optimizer = module.configure_optimizers()
     module.train()
     for _ in range(300):
-        loss = module.diffusion_loss(source, target, f_txt)
+        loss = generator.diffusion_loss(source, target, f_txt)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -147,7 +173,7 @@ def test_module_save_and_load_round_trip_gives_the_same_edit(tmp_path):
         for parameter in module.unet.image_branch_parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     module.save_pretrained(tmp_path)
-    loaded = GenerationModule.from_pretrained(tmp_path).eval()
+    loaded = EditGenerator.from_pretrained(tmp_path).eval()
     source = torch.rand(1, 3, 32, 32) * 2 - 1
     kwargs = dict(instructions=["x"], image_embeds=torch.randn(1, 32), num_inference_steps=3)
     a = module.edit(source, generator=torch.Generator().manual_seed(0), **kwargs)
@@ -161,12 +187,12 @@ def test_starts_from_a_text_only_lightning_checkpoint_with_the_image_branch_copi
     torch.manual_seed(3)
     text_only = GenerationModule(preset="tiny", image_embed_dim=0)
     with torch.no_grad():  # weights no fresh build could have
-        for parameter in text_only.unet.parameters():
+        for parameter in text_only.model.unet.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
     path = tmp_path / "ip2p.ckpt"
     torch.save({"state_dict": text_only.state_dict()}, path)
-    module = GenerationModule(preset="tiny", pretrained=str(path))
-    source = dict(text_only.unet.unet.named_parameters())
+    module = GenerationModule(preset="tiny", pretrained=str(path)).model
+    source = dict(text_only.model.unet.unet.named_parameters())
     loaded = dict(module.unet.unet.named_parameters())
     assert set(source) <= set(loaded)
     for name, weight in source.items():

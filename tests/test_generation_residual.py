@@ -1,19 +1,19 @@
-"""GenerationModule's residual clean-sample parameterisation and high-noise timestep bias."""
+"""The generator's residual clean-sample parameterisation and high-noise timestep bias (via GenerationModule)."""
 
 import pytest
 import torch
 from torch import nn
 
+from insightedit.models.generation.generator import EditGenerator
 from insightedit.systems.generation import GenerationModule
 
 SMALL_UNET = {"block_out_channels": (32, 64), "norm_num_groups": 8}
 
 
-def residual_module(**kwargs) -> GenerationModule:
+def residual_module(**kwargs) -> EditGenerator:
     torch.manual_seed(0)
-    return GenerationModule(
-        preset="tiny", unet_config=SMALL_UNET, prediction_type="sample", residual=True, **kwargs
-    ).eval()
+    module = GenerationModule(preset="tiny", unet_config=SMALL_UNET, prediction_type="sample", residual=True, **kwargs)
+    return module.model.eval()
 
 
 class Oracle(nn.Module):
@@ -53,7 +53,7 @@ def test_residual_sampler_reproduces_the_target_exactly_from_a_perfect_predictio
 def test_residual_sampler_does_not_clip_a_change_of_two():
     module = residual_module()
     assert module.sampling_scheduler().config.clip_sample_range == pytest.approx(2.0)
-    assert GenerationModule(preset="tiny", unet_config=SMALL_UNET).sampling_scheduler().config.clip_sample_range == 1.0
+    assert EditGenerator(preset="tiny", unet_config=SMALL_UNET).sampling_scheduler().config.clip_sample_range == 1.0
 
 
 def test_residual_sample_loss_goal_is_target_minus_source():
@@ -68,8 +68,8 @@ def test_residual_sample_loss_goal_is_target_minus_source():
 
 
 def test_timestep_power_biases_towards_high_noise_and_one_is_uniform():
-    uniform = GenerationModule(preset="tiny", unet_config=SMALL_UNET)
-    biased = GenerationModule(preset="tiny", unet_config=SMALL_UNET, timestep_power=0.5)
+    uniform = GenerationModule(preset="tiny", unet_config=SMALL_UNET).model
+    biased = EditGenerator(preset="tiny", unet_config=SMALL_UNET, timestep_power=0.5)
     cpu = torch.device("cpu")
     t_uniform = uniform._sample_timesteps(100_000, torch.Generator().manual_seed(0), cpu)
     expected = torch.randint(0, 1000, (100_000,), generator=torch.Generator().manual_seed(0))
@@ -77,8 +77,9 @@ def test_timestep_power_biases_towards_high_noise_and_one_is_uniform():
     t_biased = biased._sample_timesteps(100_000, torch.Generator().manual_seed(0), cpu)
     assert int(t_biased.min()) >= 0 and int(t_biased.max()) <= 999
     assert float(t_biased.float().mean()) == pytest.approx(1000 * 2 / 3, rel=0.02)  # E[u^0.5] = 2/3
-    with pytest.raises(ValueError):
-        GenerationModule(preset="tiny", unet_config=SMALL_UNET, timestep_power=0.0)
+    for build in (GenerationModule, EditGenerator):
+        with pytest.raises(ValueError, match="timestep_power"):
+            build(preset="tiny", unet_config=SMALL_UNET, timestep_power=0.0)
 
 
 def test_residual_sample_training_drives_the_loss_down():
@@ -97,14 +98,15 @@ def test_residual_sample_training_drives_the_loss_down():
     source = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
     target = source.clone()
     target[:, 0, 8:20, 8:20] = 1.0
-    f_txt = module.encode_text(["paint a red square"] * 4)
+    generator = module.model
+    f_txt = generator.encode_text(["paint a red square"] * 4)
 
     def held_loss() -> float:
         with torch.no_grad():
             return float(
                 torch.stack(
                     [
-                        module.diffusion_loss(source, target, f_txt, generator=torch.Generator().manual_seed(s))
+                        generator.diffusion_loss(source, target, f_txt, generator=torch.Generator().manual_seed(s))
                         for s in range(8)
                     ]
                 ).mean()
@@ -114,7 +116,7 @@ def test_residual_sample_training_drives_the_loss_down():
     optimizer = module.configure_optimizers()
     module.train()
     for _ in range(100):
-        module.diffusion_loss(source, target, f_txt).backward()
+        generator.diffusion_loss(source, target, f_txt).backward()
         optimizer.step()
         optimizer.zero_grad()
     module.eval()
