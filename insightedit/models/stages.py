@@ -2,8 +2,8 @@
 
 Each member of the zoo declares its stages' defaults (:attr:`insightedit.models.editor.Editor.stages`):
 which of its parameter groups train, the weight of each of its losses, whether the UNet (and, for members
-with one, the BIM) runs, and one learning rate per optimizer group. InsightEdit's follow DESIGN.md §2
-(after SmartEdit): 1 *align* trains the [MM] rows, LoRA, Q-Former and IAA Mapper with
+with one, the BIM) runs, and one learning rate per optimizer group. InsightEdit's are ours, after
+SmartEdit (docs/deviations.md#three-stages): 1 *align* trains the [MM] rows, LoRA, Q-Former and IAA Mapper with
 ``L_LLM + L_align + L_IAA`` and runs no UNet; 2 *edit* adds the UNet and ``L_diff`` (BIM off, no
 alignment loss); 3 *full* adds the BIM and uses every loss. A yaml ``stage_settings:`` section overrides
 any field.
