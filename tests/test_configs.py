@@ -1,5 +1,6 @@
-"""Every shipped yaml parses and instantiates (full-size weights swapped for tiny twins); a tiny fit runs."""
+"""Every shipped yaml parses and instantiates (tiny ones built, full-size ones on meta); tiny fits run."""
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from insightedit.cli import main
 from insightedit.data.build.config import config_from_dict, load_config
 from insightedit.errors import UserError
 from insightedit.lightning_cli import InsightEditCLI
-from insightedit.systems.insightedit import InsightEditSystem
+from insightedit.models.zoo import MEMBERS, get_member
+from insightedit.systems.editor_system import EditorSystem
 from insightedit.training.composition import compose_config_args, merge_config_files
 from insightedit.training.sharding import FSDP2Strategy, ShardingSettings
 
@@ -27,17 +29,8 @@ OVERLAYS = [p for p in ALL if p not in COMPLETE]
 DATA_BUILD = sorted((CONFIGS / "data_build").glob("*.yaml"))  # `insightedit data build --config`
 
 
-def as_tiny(config: dict, root: Path) -> dict:
-    """The same config with tiny twins, local synthetic data and a CPU trainer."""
-    model = config["model"]["init_args"]
-    model["preset"] = "tiny"
-    if "init_from" in model:
-        model["init_from"] = None
-    model.pop("pretrained", None)
-    for section in ("comprehension", "generation"):
-        for key in ("pretrained", "dtype"):
-            (model.get(section) or {}).pop(key, None)
-    (model.get("bridging") or {}).pop("clip_pretrained", None)
+def _local_run(config: dict, root: Path) -> dict:
+    """Local synthetic data and a CPU trainer, in place."""
     data = config["data"]["init_args"]
     data.update(root=str(root / "data"), synthetic={"num_images": 12, "size": 32, "seed": 0},
                 resolution=32, mllm_size=32, clip_size=32, num_workers=0, batch_size=2)
@@ -45,6 +38,30 @@ def as_tiny(config: dict, root: Path) -> dict:
     trainer.update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true",
                    default_root_dir=str(root / "run"), logger=False, callbacks=None)
     return config
+
+
+def _without_weights(model: dict) -> dict:
+    """The model section with no named weights, dtypes or previous stage (nothing to download or read)."""
+    if "init_from" in model:
+        model["init_from"] = None
+    model.pop("pretrained", None)
+    for section in ("comprehension", "generation", "head"):
+        for key in ("pretrained", "dtype"):
+            (model.get(section) or {}).pop(key, None)
+    (model.get("bridging") or {}).pop("clip_pretrained", None)
+    return model
+
+
+def as_tiny(config: dict, root: Path) -> dict:
+    """The same config with tiny twins, local synthetic data and a CPU trainer."""
+    _without_weights(config["model"]["init_args"])["preset"] = "tiny"
+    return _local_run(config, root)
+
+
+def as_meta(config: dict, root: Path) -> dict:
+    """The same config at its own size with no weights named (a full preset then builds on ``meta``)."""
+    _without_weights(config["model"]["init_args"])
+    return _local_run(config, root)
 
 
 def _names(paths) -> set[str]:
@@ -55,8 +72,13 @@ def test_every_config_is_tested():
     """Each file under lightning_configs/ is a complete config, an overlay or a data-build config, tested as one."""
     files = _names(p for p in CONFIGS.rglob("*") if p.is_file())
     assert files == _names(COMPLETE) | _names(OVERLAYS) | _names(DATA_BUILD)  # no .yml, nested or stray file
-    stages = {"base.yaml", "stage1.yaml", "stage2.yaml", "stage3.yaml", "tiny/instruct_pix2pix.yaml"}
-    assert stages | {f"tiny/stage{n}.yaml" for n in (1, 2, 3)} <= _names(COMPLETE)
+    stages = {"base.yaml", "stage1.yaml", "stage2.yaml", "stage3.yaml"} | {f"tiny/stage{n}.yaml" for n in (1, 2, 3)}
+    members = {f"{prefix}{name}.yaml" for name in MEMBERS if name != "insightedit" for prefix in ("", "tiny/")}
+    assert stages | members <= _names(COMPLETE)  # InsightEdit's are the stage files; every other member has two
+    for path in COMPLETE:  # every model is a member of the zoo on the one system
+        model = yaml.safe_load(path.read_text())["model"]
+        assert model["class_path"] == "insightedit.systems.editor_system.EditorSystem", path
+        assert model["init_args"]["member"] in MEMBERS, path
     assert {"fsdp_8gpu.yaml", "fsdp2_8gpu.yaml", "ddp.yaml", "qlora_1gpu.yaml"} <= _names(OVERLAYS)
     assert {"data_build/oracle.yaml", "data_build/vllm_qwen.yaml"} <= _names(DATA_BUILD)
     for path in OVERLAYS:  # an overlay changes a stage's settings, never which classes run
@@ -102,23 +124,47 @@ def test_data_build_config_parses_and_validates(path, tmp_path):
 
 @pytest.mark.parametrize("path", COMPLETE, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_config_parses_and_instantiates(path, tmp_path):
+    """Tiny configs build for real; full-size ones build on ``meta`` (no weights named, nothing allocated)."""
     raw = yaml.safe_load(path.read_text())
     # the file itself parses with the real parser (omegaconf mode), weights and all
     assert main(["fit", "--config", str(path), "--print_config"]) == 0
-    tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(yaml.safe_dump(as_tiny(raw, tmp_path)))
-    cli = InsightEditCLI(
-        model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
-        args=["--config", str(tiny)], run=False, parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_callback=None,
-    )
+    init_args = raw["model"]["init_args"]
+    full = init_args["preset"] == "full"
+    # as `insightedit plan` builds it (the full MLLM and UNet go to meta by themselves, the bridge does not yet)
+    with torch.device("meta") if full else contextlib.nullcontext():
+        cli = _instantiate(as_meta(raw, tmp_path), tmp_path)
     assert cli.datamodule.hparams["resolution"] == 32
-    if raw["model"]["class_path"].endswith("GenerationModule"):  # tiny/instruct_pix2pix.yaml: text-only UNet
-        assert cli.model.unet.image_projection is None and cli.model.text_encoder is not None
+    system = cli.model
+    assert isinstance(system, EditorSystem) and system.hparams["member"] == init_args["member"]
+    assert all(p.is_meta == full for p in system.parameters())
+    editor_class = get_member(init_args["member"]).editor_class()
+    assert type(system.editor) is editor_class
+    assert system.stage.name == editor_class.stages[init_args["stage"]]["name"]
+    assert system.trainable_names()  # every stage of every member trains something
+    if init_args["member"] == "instruct_pix2pix":  # text-only UNet; explicit instructions only
+        assert system.editor.generation.unet.image_projection is None
+        assert system.editor.generation.text_encoder is not None
         assert cli.datamodule.hparams["reasoning_probability"] == 0.0
-        return
-    assert isinstance(cli.model, InsightEditSystem)
-    assert cli.model.stage.as_dict()["name"] == {1: "align", 2: "edit", 3: "full"}[raw["model"]["init_args"]["stage"]]
+
+
+def test_tiny_members_train_on_the_same_terms_as_insightedit():
+    """tiny/<member>.yaml = tiny/stage3.yaml but for the member, its run folder and what it lacks."""
+    reference = yaml.safe_load((CONFIGS / "tiny" / "stage3.yaml").read_text())
+    for name in ("smartedit", "insightedit_no_iaa", "insightedit_no_bim"):
+        config = yaml.safe_load((CONFIGS / "tiny" / f"{name}.yaml").read_text())
+        assert config["data"] == reference["data"] and config["seed_everything"] == reference["seed_everything"]
+        trainer, expected = dict(config["trainer"]), dict(reference["trainer"])
+        assert trainer.pop("default_root_dir") == f"checkpoints/tiny/{name}"
+        expected.pop("default_root_dir")
+        assert trainer.pop("logger")["init_args"]["name"] == f"tiny-{name.replace('_', '-')}"
+        expected.pop("logger")
+        assert trainer == expected
+        model, same = config["model"]["init_args"], dict(reference["model"]["init_args"])
+        assert model.pop("member") == name and same.pop("member") == "insightedit"
+        if "mapper" not in get_member(name).editor_class().groups:  # no IAA: no image tokens to set
+            for key in ("num_image_tokens", "image_scale"):
+                same["generation"] = {k: v for k, v in same["generation"].items() if k != key}
+        assert model == same
 
 
 def test_tiny_stage_fit_runs_in_process_and_writes_last_checkpoint(tmp_path, monkeypatch):
@@ -144,6 +190,31 @@ def test_tiny_stage_fit_runs_in_process_and_writes_last_checkpoint(tmp_path, mon
     text = next(metrics).read_text()
     for key in ("train/loss_llm", "train/loss_iaa", "train/loss_align", "train/loss_diff", "val/loss"):
         assert key in text
+
+
+def test_tiny_instruct_pix2pix_fits_and_its_unet_starts_the_other_tiny_members(tmp_path, monkeypatch):
+    """The stand-in's checkpoint (``editor.generation.unet.unet.*``) is what ``generation.pretrained`` loads."""
+    monkeypatch.chdir(tmp_path)
+    code = main([
+        "fit", "--config", str(CONFIGS / "tiny" / "instruct_pix2pix.yaml"), "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+        "--data.init_args.synthetic={num_images: 16, size: 32, seed: 0}", "--data.init_args.batch_size=4",
+        "--trainer.enable_progress_bar=false",
+    ])
+    assert code == 0
+    last = tmp_path / "checkpoints" / "tiny" / "instruct_pix2pix" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2 and checkpoint["insightedit"]["member"] == "instruct_pix2pix"
+    prefix = "editor.generation.unet.unet."
+    unet = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    assert unet and set(checkpoint["state_dict"]) == {prefix + k for k in unet}  # the UNet: all it trains
+    tiny3 = yaml.safe_load((CONFIGS / "tiny" / "smartedit.yaml").read_text())["model"]["init_args"]
+    generation = {**tiny3["generation"], "pretrained": str(last)}
+    started = EditorSystem(member="smartedit", preset="tiny", stage=3, generation=generation)
+    loaded = started.editor.generation.unet.unet.state_dict()
+    assert loaded.keys() == unet.keys()
+    for name, weight in unet.items():
+        assert torch.equal(loaded[name], weight), name
 
 
 def test_a_config_that_cannot_be_built_is_one_line(tmp_path, capsys):
@@ -178,7 +249,7 @@ def test_overlay_composes_with_a_stage_and_instantiates(overlay, tmp_path, capsy
         assert printed["model"]["init_args"]["comprehension"][key] == value
     merged = merge_config_files([str(stage), str(overlay)])
     cli = _instantiate(as_tiny(merged, tmp_path), tmp_path)
-    assert isinstance(cli.model, InsightEditSystem) and cli.model.stage.name == "full"
+    assert isinstance(cli.model, EditorSystem) and cli.model.stage.name == "full"
 
 
 def _strategy(config: dict):
