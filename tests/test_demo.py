@@ -16,8 +16,13 @@ from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 
 gradio = pytest.importorskip("gradio", reason="the demo extra is not installed: pip install 'insightedit[demo]'")
@@ -35,13 +40,14 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory):
     from insightedit.commands.demo import build_demo
-    from insightedit.pipeline import InsightEditPipeline
-    from insightedit.systems.insightedit import InsightEditSystem
+    from insightedit.pipeline import EditPipeline
+    from insightedit.systems.editor_system import EditorSystem
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("demo") / "model"
-    InsightEditPipeline.from_system(InsightEditSystem(preset="tiny", stage=3), resolution=32).save_pretrained(folder)
-    pipeline = InsightEditPipeline.from_pretrained(folder, device="cpu")
+    system = EditorSystem(member="insightedit", preset="tiny", stage=3)
+    EditPipeline.from_system(system, resolution=32).save_pretrained(folder)
+    pipeline = EditPipeline.from_pretrained(folder, device="cpu")
     port = free_port()
     app = build_demo(pipeline, default_steps=2)
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)

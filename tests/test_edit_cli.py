@@ -13,8 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from insightedit.cli import main
-from insightedit.pipeline import InsightEditPipeline
-from insightedit.systems.insightedit import InsightEditSystem
+from insightedit.pipeline import EditPipeline
+from insightedit.systems.editor_system import EditorSystem
 
 
 class OneBatch(Dataset):
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     """A tiny system trained one step (every trained part moves) and its Lightning checkpoint."""
     root = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)  # as LightningCLI's seed_everything: 0 before building the model
-    system = InsightEditSystem(preset="tiny", stage=3)
+    system = EditorSystem(member="insightedit", preset="tiny", stage=3)
     g = torch.Generator().manual_seed(0)
     batch = {
         "source": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
@@ -44,8 +44,13 @@ def trained(tmp_path_factory):
         "target_caption": ["a grey background", "a red circle and a blue square"],
     }
     trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root,
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
     )
     trainer.fit(system, DataLoader(OneBatch(batch), batch_size=None))
     checkpoint = root / "last.ckpt"
@@ -70,14 +75,27 @@ def source_png(tmp_path):
 
 def test_export_writes_a_complete_folder(exported):
     index = json.loads((exported / "model_index.json").read_text())
-    assert index["_class_name"] == "InsightEditPipeline" and index["preset"] == "tiny"
-    assert index["comprehension"]["base_included"] is True
+    assert (index["_class_name"], index["format_version"], index["member"], index["preset"]) == (
+        "EditPipeline", 2, "insightedit", "tiny",
+    )  # fmt: skip
+    assert index["options"] == {"align_target": "plain_instruction"}
+    assert {name: entry["kind"] for name, entry in index["parts"].items()} == {
+        "comprehension": "comprehension", "bridging": "bridging", "generation": "generation",
+    }  # fmt: skip
+    assert index["parts"]["comprehension"]["base_included"] is True
+    assert (index["parts"]["bridging"]["bim"], index["parts"]["bridging"]["mapper"]) == (True, True)
     for name in (
-        "comprehension/base/model.safetensors", "comprehension/base/config.json",
-        "comprehension/tokenizer/tokenizer.json", "comprehension/adapter/adapter_model.safetensors",
-        "comprehension/adapter/mm_embeddings.safetensors", "bridging/model.safetensors", "bridging/config.json",
-        "generation/unet/diffusion_pytorch_model.safetensors", "generation/ip_adapter.safetensors",
-        "generation/scheduler/scheduler_config.json", "generation/text_encoder/model.safetensors",
+        "comprehension/base/model.safetensors",
+        "comprehension/base/config.json",
+        "comprehension/tokenizer/tokenizer.json",
+        "comprehension/adapter/adapter_model.safetensors",
+        "comprehension/adapter/mm_embeddings.safetensors",
+        "bridging/model.safetensors",
+        "bridging/config.json",
+        "generation/unet/diffusion_pytorch_model.safetensors",
+        "generation/ip_adapter.safetensors",
+        "generation/scheduler/scheduler_config.json",
+        "generation/text_encoder/model.safetensors",
         "generation/generation_config.json",
     ):
         assert (exported / name).is_file(), name
@@ -91,21 +109,42 @@ def test_exported_folder_edits_exactly_as_the_trained_system(trained, exported):
     system, _ = trained
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8))
     kwargs = dict(seed=4, num_inference_steps=3, text_guidance=3.0, output_type="pt")
-    expected = InsightEditPipeline.from_system(system)(image, "remove the red circle", **kwargs).images[0]
-    loaded = InsightEditPipeline.from_pretrained(exported, device="cpu")
+    expected = EditPipeline.from_system(system)(image, "remove the red circle", **kwargs).images[0]
+    loaded = EditPipeline.from_pretrained(exported, device="cpu")
     got = loaded(image, "remove the red circle", **kwargs).images[0]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     # the BIM's random Fourier features (a buffer checkpoints do not keep) came back as in training
     assert torch.equal(
-        loaded.bridging.bim.positional.positional_embedding, system.bridging.model.bim.positional.positional_embedding
+        loaded.editor.bridging.bim.positional.positional_embedding,
+        system.editor.bridging.bim.positional.positional_embedding,
     )
 
 
 def test_edit_round_trip_gives_an_image_of_the_source_size(exported, source_png, tmp_path, capsys):
     def args(out):
-        return ["edit", "--model", str(exported), "--image", str(source_png), "--instruction", "remove the red circle",
-                "--out", str(out), "--steps", "3", "--seed", "1", "--lambda", "0.5", "--text-guidance", "4",
-                "--image-guidance", "1.2", "--scheduler", "euler_a"]
+        return [
+            "edit",
+            "--model",
+            str(exported),
+            "--image",
+            str(source_png),
+            "--instruction",
+            "remove the red circle",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--seed",
+            "1",
+            "--lambda",
+            "0.5",
+            "--text-guidance",
+            "4",
+            "--image-guidance",
+            "1.2",
+            "--scheduler",
+            "euler_a",
+        ]
 
     out, again = tmp_path / "sub" / "edited.png", tmp_path / "again.png"
     assert main(args(out)) == 0
@@ -124,8 +163,22 @@ def _error_line(capsys) -> str:
 
 
 def _edit(model, image, out, instruction="remove the red circle", *extra):
-    return main(["edit", "--model", str(model), "--image", str(image), "--instruction", instruction,
-                 "--out", str(out), "--steps", "1", *extra])
+    return main(
+        [
+            "edit",
+            "--model",
+            str(model),
+            "--image",
+            str(image),
+            "--instruction",
+            instruction,
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            *extra,
+        ]
+    )
 
 
 def test_missing_image(exported, tmp_path, capsys):

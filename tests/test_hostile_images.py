@@ -216,11 +216,11 @@ class _Identity:
 
 
 def test_edit_command(battery, tmp_path, capsys, monkeypatch):
-    from insightedit.pipeline import InsightEditPipeline
+    from insightedit.pipeline import EditPipeline
 
     folder, files = battery
     identity = _Identity()
-    monkeypatch.setattr(InsightEditPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: identity))
+    monkeypatch.setattr(EditPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: identity))
     for name, hostile in files.items():
         out = tmp_path / f"{Path(name).stem}.out.png"
         argv = ["edit", "--model", str(tmp_path), "--image", str(folder / name), "--instruction", "x", "--out"]

@@ -25,8 +25,8 @@ from insightedit.cli import main
 from insightedit.commands.edit import save_image
 from insightedit.evaluation.report import write_json
 from insightedit.lightning_cli import InsightEditCLI
-from insightedit.pipeline import InsightEditPipeline
-from insightedit.systems.insightedit import InsightEditSystem
+from insightedit.pipeline import EditPipeline
+from insightedit.systems.editor_system import EditorSystem
 from insightedit.training import checkpoint_io
 from insightedit.training.checkpoint_io import AtomicCheckpointIO
 
@@ -117,7 +117,8 @@ def model_folder(tmp_path_factory) -> Path:
     """An exported tiny model folder (untrained: only its files matter here)."""
     folder = tmp_path_factory.mktemp("exported") / "model"
     torch.manual_seed(0)
-    InsightEditPipeline.from_system(InsightEditSystem(preset="tiny", stage=3), resolution=32).save_pretrained(folder)
+    system = EditorSystem(member="insightedit", preset="tiny", stage=3)
+    EditPipeline.from_system(system, resolution=32).save_pretrained(folder)
     return folder
 
 
@@ -256,7 +257,7 @@ def test_a_corrupt_or_missing_config_is_one_line_naming_it(model_folder, source_
 @pytest.fixture(scope="module")
 def tiny_system():
     torch.manual_seed(1)  # other weights than model_folder's, so a replaced folder is told apart
-    return InsightEditSystem(preset="tiny", stage=3).eval()
+    return EditorSystem(member="insightedit", preset="tiny", stage=3).eval()
 
 
 def test_export_refuses_an_unwritable_place_before_reading_the_checkpoint(tmp_path, monkeypatch, capsys):
@@ -276,14 +277,14 @@ def test_a_failed_export_keeps_the_old_folder_and_leaves_nothing(
     out = tmp_path / "model"
     shutil.copytree(model_folder, out)
     before = files_in(out)
-    real_save = InsightEditPipeline.save_pretrained
+    real_save = EditPipeline.save_pretrained
 
     def full_disk(pipeline, directory, base=None):
         (Path(directory) / "comprehension").mkdir(parents=True)
         (Path(directory) / "comprehension" / "partial.safetensors").write_bytes(b"\x00" * 10)
         raise disk_error(errno.ENOSPC)
 
-    monkeypatch.setattr(InsightEditPipeline, "save_pretrained", full_disk)
+    monkeypatch.setattr(EditPipeline, "save_pretrained", full_disk)
     args = ["export", "--ckpt_path", "unused.ckpt", "--out", str(out), "--overwrite"]
     assert main(args) == 2
     assert error_line(capsys) == (
@@ -296,14 +297,14 @@ def test_a_failed_export_keeps_the_old_folder_and_leaves_nothing(
         weights = Path(directory) / "bridging" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
 
-    monkeypatch.setattr(InsightEditPipeline, "save_pretrained", silently_truncated)
+    monkeypatch.setattr(EditPipeline, "save_pretrained", silently_truncated)
     assert main(args) == 2
     assert error_line(capsys).startswith(
         f"error: cannot write the model folder {out}: the written folder does not read back ("
     )
     assert files_in(out) == before and [p.name for p in tmp_path.iterdir()] == ["model"]
 
-    monkeypatch.setattr(InsightEditPipeline, "save_pretrained", real_save)
+    monkeypatch.setattr(EditPipeline, "save_pretrained", real_save)
     assert main(args) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert sorted(files_in(out)) == sorted(before)
