@@ -92,10 +92,12 @@ def test_llm_loss_is_the_nll_of_the_explicit_text_and_the_visual_tokens(stage3):
 
 
 def test_greedy_generation_with_the_cache_equals_recomputing_every_step(stage3):
-    mllm = stage3.editor.comprehension.eval()
+    mllm = stage3.editor.comprehension.train()
     batch = make_batch()
     steps = 6
     written = mllm.generate_answers(batch["mllm_source"], batch["instruction"], max_new_tokens=steps)
+    assert all(module.training for module in mllm.modules())  # it writes in eval mode, then restores the mode
+    mllm.eval()
     stop = {*mllm.prompts.mm_token_ids, mllm.eos_token_id}
     banned = [mllm.prompts.image_token_id, mllm.tokenizer.pad_token_id, mllm.tokenizer.bos_token_id]
     for row, instruction in enumerate(batch["instruction"]):

@@ -205,14 +205,26 @@ class ComprehensionModel(nn.Module):
     ) -> list[str]:
         """Greedily write each row's answer to (image, instruction), up to its first [MM] token or EOS.
 
-        Deterministic (argmax, no sampling); at most ``max_new_tokens`` tokens a row (``0``: empty
-        answers). The text returned is what :meth:`forward` takes as ``answers``.
+        Deterministic (argmax, no sampling, in eval mode whatever the model's mode: no LoRA dropout, and
+        the key-value cache that gradient checkpointing turns off in training); at most
+        ``max_new_tokens`` tokens a row (``0``: empty answers). The text returned is what
+        :meth:`forward` takes as ``answers``.
         """
         if len(instructions) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(instructions)} instructions")
-        prompts = self._prompts()
         if max_new_tokens <= 0:
             return [""] * len(instructions)
+        modes = {module: module.training for module in self.modules()}
+        self.eval()
+        try:
+            return self._greedy(pixel_values, instructions, max_new_tokens)
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+
+    def _greedy(self, pixel_values: torch.Tensor, instructions: list[str], max_new_tokens: int) -> list[str]:
+        """:meth:`generate_answers` in eval mode."""
+        prompts = self._prompts()
         batch = prompts.heads(list(instructions), pixel_values.device)
         model = self.base_model
         vision_dtype = model.model.vision_tower.get_input_embeddings().weight.dtype
