@@ -17,7 +17,8 @@ the templated phrasing (``remove the red circle``) and with the reasoning one, a
 ``advancededit`` protocol of :mod:`insightedit.evaluation` as ``insightedit test`` scores (the yaml's
 ``evaluation:`` settings): PSNR, SSIM and LPIPS between source and edit *outside* the edit mask, and
 PSNR / SSIM to the target over the whole image; plus the PSNR to the target *inside* the mask (did the
-edit happen), per task type. The identity edit (output = source) is the floor row.
+edit happen; computed here at the data's 32 px, data range 1, per image then averaged), per task type.
+The identity edit (output = source) is the floor row.
 
 Writes under ``--out``: ``zoo_results.json`` (command, commit, date, machine, wall time and steps per
 member, every score), ``zoo_results.md`` (the tables) and ``zoo_edits.png`` (a row per held-out
@@ -157,8 +158,8 @@ def fit(
     label: str,
     logger: Any,
     max_minutes: float | None,
-) -> dict[str, Any]:
-    """Train ``system`` for ``steps`` steps under ``seed``; the run's steps, seconds and loss curve."""
+) -> tuple[dict[str, Any], L.Trainer]:
+    """Train ``system`` for ``steps`` steps under ``seed``; the run's steps, seconds and loss curve, and the trainer."""
     log = StepLog(label, every=max(steps // 10, 1))
     trainer = L.Trainer(
         accelerator="cpu",
@@ -179,8 +180,7 @@ def fit(
     started = time.perf_counter()
     trainer.fit(system, datamodule=data)
     seconds = time.perf_counter() - started
-    system._zoo_trainer = trainer  # type: ignore[attr-defined]  # kept to save the stand-in's checkpoint
-    return {"steps": trainer.global_step, "seconds": round(seconds, 1), "loss_curve": log.curve}
+    return {"steps": trainer.global_step, "seconds": round(seconds, 1), "loss_curve": log.curve}, trainer
 
 
 def member_settings(member: str, stand_in: Path, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -530,8 +530,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{member}: {note}", flush=True)
 
     # the same data for every member: the stand-in reads templated instructions only, as its yaml says
-    stand_in_data_args = {**data_args, **{"reasoning_probability": 0.0}}
-    stand_in_data = AdvancedEditDataModule(**stand_in_data_args)
+    stand_in_data = AdvancedEditDataModule(**{**data_args, "reasoning_probability": 0.0})
     stand_in_data.prepare_data()
     stand_in_data.setup("fit")
     data = AdvancedEditDataModule(**data_args)
@@ -565,11 +564,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stand_in = build_system(stand_in_settings, args.seed)
         logger = wandb_logger(args, group, "stand-in (tiny InstructPix2Pix)", {"member": "instruct_pix2pix"})
         print(f"[stand-in] training {pretrain_steps} steps (templated instructions)", flush=True)
-        results["runs"]["stand-in"] = fit(
+        results["runs"]["stand-in"], trainer = fit(
             stand_in, stand_in_data, pretrain_steps, args.seed, "stand-in", logger, args.max_minutes
         )
         checkpoint = Path(work) / "stand_in.ckpt"
-        stand_in._zoo_trainer.save_checkpoint(checkpoint)  # type: ignore[attr-defined]
+        trainer.save_checkpoint(checkpoint)
         if logger is not None:
             logger.experiment.finish()
         del stand_in
@@ -577,10 +576,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = ROWS.get(member, member)
             settings = member_settings(member, checkpoint, evaluation)
             system = build_system(settings, args.seed)
-            logger = wandb_logger(args, group, row, {"member": member, "row": row, "steps": args.steps})
+            run_config = {"member": member, "row": row, "steps": args.steps, "seed": args.seed, "model": settings}
+            logger = wandb_logger(args, group, row, {**run_config, "batch_size": data_args["batch_size"]})
             print(f"[{row}] training {args.steps} steps from the stand-in", flush=True)
             results["runs"][row] = {"member": member, "config": str(member_config(member))}
-            results["runs"][row].update(fit(system, data, args.steps, args.seed, row, logger, args.max_minutes))
+            stats, _ = fit(system, data, args.steps, args.seed, row, logger, args.max_minutes)
+            results["runs"][row].update(stats)
             t = time.perf_counter()
             table = record(row, system)
             results["runs"][row]["eval_seconds"] = round(time.perf_counter() - t, 1)
