@@ -16,10 +16,12 @@ from insightedit.planning.memory import NF4_BYTES, PlanSettings, plan_memory
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 
 
-def run_plan(capsys, *configs, devices=None):
+def run_plan(capsys, *configs, devices=None, member=None):
     args = ["plan", "--json"] + [a for c in configs for a in ("--config", str(CONFIGS / c))]
     if devices is not None:
         args += ["--devices", str(devices)]
+    if member is not None:
+        args += ["--member", member]
     assert main(args) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -111,7 +113,89 @@ def test_tiny_config_plans_with_real_tensors(capsys):
 
 def test_a_config_the_model_rejects_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  class_path: insightedit.systems.insightedit.InsightEditSystem\n"
-                   "  init_args: {preset: full, stage: 7}\n")
+    bad.write_text("model:\n  class_path: insightedit.systems.editor_system.EditorSystem\n"
+                   "  init_args: {member: smartedit, preset: full, stage: 7}\n")
     assert main(["plan", "--config", str(bad)]) == 2
-    assert capsys.readouterr().err.strip().endswith("stage must be 1, 2 or 3, got 7")
+    assert capsys.readouterr().err.strip().endswith("smartedit has stages [1, 2, 3], not 7")
+    assert main(["plan", "--member", "pix2pix"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown member 'pix2pix'; the zoo has instruct_pix2pix")
+    assert main(["plan"]) == 2
+    assert capsys.readouterr().err.strip() == "error: plan needs --config <yaml> or --member <name>"
+
+
+# ------------------------------------------------------------------------- every member, no member code
+def _meta_count(build) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def reference_unet() -> int:
+    """diffusers' UNet from timbrooks/instruct-pix2pix's unet/config.json (written out: nothing is downloaded)."""
+    from diffusers import UNet2DConditionModel
+
+    config = {
+        "in_channels": 8, "out_channels": 4, "sample_size": 64, "layers_per_block": 2, "cross_attention_dim": 768,
+        "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    }  # fmt: skip
+    return _meta_count(lambda: UNet2DConditionModel(**config))
+
+
+def reference_llava() -> int:
+    """transformers' LLaVA-1.5-7B from llava-hf/llava-1.5-7b-hf's config.json (written out)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
+                         projector_hidden_act="gelu", vision_feature_select_strategy="default")
+    return _meta_count(lambda: LlavaForConditionalGeneration(config))
+
+
+SD_VAE, SD_TEXT_ENCODER = 83_653_863, 123_060_480  # Stable Diffusion 1.5's VAE and CLIP ViT-L/14 text tower
+
+
+def test_reference_architectures_by_their_own_libraries():
+    assert reference_unet() == 859_532_484
+    assert reference_llava() == 7_063_427_072
+
+
+@pytest.mark.parametrize(
+    ("config", "parts"),
+    [
+        ("instruct_pix2pix.yaml", {"unet", "vae", "text_encoder"}),
+        ("smartedit.yaml", {"llava", "lora", "mm_embeddings", "qformer", "bim", "unet", "vae", "text_encoder"}),
+        ("mgie.yaml", {"llava", "lora", "mm_embeddings", "edit_head", "unet", "vae", "text_encoder"}),
+    ],
+)
+def test_every_member_config_plans_at_full_size_against_the_reference_architectures(capsys, config, parts):
+    """The same command, no member code: the parts a member has, each the size its reference library builds."""
+    plan = run_plan(capsys, config)
+    modules = plan["modules"]
+    assert set(modules) == parts
+    assert modules["unet"]["params"] == reference_unet()
+    assert modules["vae"] == {"params": SD_VAE, "trainable": 0}
+    assert modules["text_encoder"] == {"params": SD_TEXT_ENCODER, "trainable": 0}
+    if "llava" in parts:
+        assert modules["llava"] == {"params": reference_llava(), "trainable": 0}
+        assert modules["lora"]["params"] == 32 * 4 * 8 * (4096 + 4096)  # r=8 on q, k, v, o of 32 layers
+    final = plan["stage"]
+    assert final["name"] in ("edit", "full") and plan["member"] == config.removesuffix(".yaml")
+    assert plan["total"]["trainable"] == sum(m["trainable"] for m in modules.values()) > 0
+    memory = plan["memory"]
+    assert memory["settings"]["strategy"] == "fsdp2" and memory["settings"]["world_size"] == 8
+    assert memory["activation_parts_gib"]["unet"] > 0  # counted from the member's own training step
+
+
+def test_member_shortcut_is_the_member_at_full_size_in_its_final_stage(capsys):
+    from insightedit.commands.zoo import summarize
+
+    plan = run_plan(capsys, "fsdp2_8gpu.yaml", member="insightedit_no_bim")
+    modules = plan["modules"]
+    assert "bim" not in modules and modules["mapper"]["trainable"] > 0 and plan["stage"]["name"] == "full"
+    summary = summarize("insightedit_no_bim")  # the zoo's count, from the editor's groups instead of requires_grad
+    assert plan["total"] == {"params": summary.total, "trainable": summary.trainable}
+    assert plan["memory"]["settings"]["world_size"] == 8  # the overlay's trainer settings apply

@@ -324,10 +324,11 @@ def format_edit_plan(rows: list[EditMemory], resolution: int) -> str:
     first = rows[0]
     a = first.as_dict()["activations_gib"]
     lines.append("activations (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in a.items()))
-    lines.append(
-        f"sequential: MLLM {first.weights['mllm'] / GIB:.2f} GiB in CPU memory, largest streamed block "
-        f"{first.largest_block / GIB:.3f} GiB ({first.largest_block:,} bytes), "
-        f"{first.streamed / 1e9:.1f} GB streamed per edit"
-    )
+    if first.largest_block:  # members with an MLLM
+        lines.append(
+            f"sequential: MLLM {first.weights['mllm'] / GIB:.2f} GiB in CPU memory, largest streamed block "
+            f"{first.largest_block / GIB:.3f} GiB ({first.largest_block:,} bytes), "
+            f"{first.streamed / 1e9:.1f} GB streamed per edit"
+        )
     lines.append("method: " + " ".join(line.strip() for line in (__doc__ or "").split("Method")[1].splitlines()[1:]))
     return "\n".join(lines)

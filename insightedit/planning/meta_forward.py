@@ -36,7 +36,9 @@ def _mllm_stand_in(mllm: ComprehensionModel) -> Any:
     """``ComprehensionModel.forward`` by shapes: ``h`` (B, r, d_llm), patches (B, P, d_vision), ``L_LLM``."""
     device, _ = _device_and_dtype(mllm)
 
-    def forward(pixel_values: torch.Tensor, instructions: list[str], compute_loss: bool = True) -> ComprehensionOutput:
+    def forward(
+        pixel_values: torch.Tensor, instructions: list[str], compute_loss: bool = True, **options: Any
+    ) -> ComprehensionOutput:  # options (e.g. MGIE's answers) change the prompt, not the output's shapes
         batch = len(instructions)
         patches = mllm.vision_grid[0] * mllm.vision_grid[1]
         h = torch.zeros(batch, mllm.num_mm_tokens, mllm.hidden_size, device=device, requires_grad=True)
