@@ -345,7 +345,7 @@ class EditorSystem(L.LightningModule):
             shares = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(shares, (run.written, run.failed))
         if self.trainer.is_global_zero:
-            written = sum(share[0] for share in shares)
+            written = [share[0] for share in shares]
             failed = {key: value for share in shares for key, value in share[1].items()}
             listed = merge_journals(run.out_dir)
             print(summary_line(run.out_dir, written, run.skipped, failed, listed))

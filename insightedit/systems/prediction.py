@@ -219,9 +219,13 @@ class PredictionRun:
         self.written += 1
 
 
-def summary_line(out_dir: Path, written: int, skipped: int, failed: dict[str, str], listed: int) -> str:
-    """What a predict run did, in one line (plus one line per failed record, at most 10)."""
-    parts = [f"predict: wrote {written} edits to {out_dir}", f"{skipped} skipped (their <id>.png was there)"]
+def summary_line(out_dir: Path, written: list[int], skipped: int, failed: dict[str, str], listed: int) -> str:
+    """What a predict run did (``written``: edits per rank), in one line, plus one per failed record (10 at most)."""
+    ranks = f" (ranks: {' + '.join(map(str, written))})" if len(written) > 1 else ""
+    parts = [
+        f"predict: wrote {sum(written)} edits to {out_dir}{ranks}",
+        f"{skipped} skipped (their <id>.png was there)",
+    ]
     if failed:
         parts.append(f"{len(failed)} failed")
     lines = [", ".join(parts) + f"; {out_dir / PREDICTIONS_FILE} lists {listed}"]
