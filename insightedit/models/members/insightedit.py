@@ -29,6 +29,12 @@ ALIGN_TARGETS = ("plain_instruction", "instruction", "target_caption")
 LEARNING_RATES = {"lora": 2e-4, "bridge": 1e-4, "unet": 1e-5}
 
 
+def optimizer_groups_of(groups: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """InsightEdit's learning-rate groups (``lora``, ``bridge``, ``unet``) restricted to the groups a member has."""
+    every = {"lora": ("mm_embeddings", "lora"), "bridge": ("qformer", "mapper", "bim"), "unet": ("unet",)}
+    return {name: tuple(g for g in members if g in groups) for name, members in every.items()}
+
+
 def insightedit_stages(groups: tuple[str, ...], losses: tuple[str, ...]) -> dict[int, dict[str, Any]]:
     """InsightEdit's three stages restricted to the groups and losses a member has.
 
@@ -82,11 +88,7 @@ class InsightEditEditor(Editor):
     member: ClassVar[str] = "insightedit"
     groups: ClassVar[tuple[str, ...]] = ("mm_embeddings", "lora", "qformer", "mapper", "bim", "unet")
     losses: ClassVar[tuple[str, ...]] = ("llm", "iaa", "align", "diff")
-    optimizer_groups: ClassVar[dict[str, tuple[str, ...]]] = {
-        "lora": ("mm_embeddings", "lora"),
-        "bridge": ("qformer", "mapper", "bim"),
-        "unet": ("unet",),
-    }
+    optimizer_groups: ClassVar[dict[str, tuple[str, ...]]] = optimizer_groups_of(groups)
     stages: ClassVar[dict[int, dict[str, Any]]] = insightedit_stages(groups, losses)
 
     def __init__(
@@ -162,6 +164,7 @@ class SmartEditEditor(InsightEditEditor):
     member: ClassVar[str] = "smartedit"
     groups: ClassVar[tuple[str, ...]] = ("mm_embeddings", "lora", "qformer", "bim", "unet")
     losses: ClassVar[tuple[str, ...]] = ("llm", "align", "diff")
+    optimizer_groups: ClassVar[dict[str, tuple[str, ...]]] = optimizer_groups_of(groups)
     stages: ClassVar[dict[int, dict[str, Any]]] = insightedit_stages(groups, losses)
 
 
@@ -171,6 +174,7 @@ class InsightEditNoIAAEditor(InsightEditEditor):
     member: ClassVar[str] = "insightedit_no_iaa"
     groups: ClassVar[tuple[str, ...]] = ("mm_embeddings", "lora", "qformer", "bim", "unet")
     losses: ClassVar[tuple[str, ...]] = ("llm", "align", "diff")
+    optimizer_groups: ClassVar[dict[str, tuple[str, ...]]] = optimizer_groups_of(groups)
     stages: ClassVar[dict[int, dict[str, Any]]] = insightedit_stages(groups, losses)
 
 
@@ -180,6 +184,7 @@ class InsightEditNoBIMEditor(InsightEditEditor):
     member: ClassVar[str] = "insightedit_no_bim"
     groups: ClassVar[tuple[str, ...]] = ("mm_embeddings", "lora", "qformer", "mapper", "unet")
     losses: ClassVar[tuple[str, ...]] = ("llm", "iaa", "align", "diff")
+    optimizer_groups: ClassVar[dict[str, tuple[str, ...]]] = optimizer_groups_of(groups)
     stages: ClassVar[dict[int, dict[str, Any]]] = {
         number: {**settings, "use_bim": False} for number, settings in insightedit_stages(groups, losses).items()
     }
@@ -238,4 +243,5 @@ __all__ = [
     "VARIANTS",
     "build_mllm_editor",
     "insightedit_stages",
+    "optimizer_groups_of",
 ]
