@@ -17,18 +17,35 @@ REPO = Path(__file__).resolve().parents[1]
 TINY3 = REPO / "lightning_configs" / "tiny" / "stage3.yaml"
 
 
-def small_config(root: Path, name: str, *, max_steps: int, every: int, batch_size: int = 2,
-                 epoch_batches: int | None = None, logger: bool = False,
-                 extra_callbacks: list[dict] | None = None) -> Path:
+def small_config(
+    root: Path,
+    name: str,
+    *,
+    max_steps: int,
+    every: int,
+    batch_size: int = 2,
+    epoch_batches: int | None = None,
+    logger: bool = False,
+    extra_callbacks: list[dict] | None = None,
+) -> Path:
     """tiny/stage3.yaml with few steps, a small synthetic set and its run folder under ``root/name``."""
     config = yaml.safe_load(TINY3.read_text())
     trainer = config["trainer"]
-    trainer.update(max_steps=max_steps, val_check_interval=every, limit_val_batches=1, log_every_n_steps=1,
-                   enable_progress_bar=False, num_sanity_val_steps=1, default_root_dir=str(root / name),
-                   limit_train_batches=epoch_batches)
+    trainer.update(
+        max_steps=max_steps,
+        val_check_interval=every,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        num_sanity_val_steps=1,
+        default_root_dir=str(root / name),
+        limit_train_batches=epoch_batches,
+    )
     if not logger:  # CSV is cheaper to start than W&B; edited images then go to <run>/edits/*.png
-        trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                             "init_args": {"save_dir": str(root / name), "name": "logs"}}
+        trainer["logger"] = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(root / name), "name": "logs"},
+        }
     for callback in trainer["callbacks"]:
         args = callback.setdefault("init_args", {})
         if callback["class_path"].endswith("ModelCheckpoint"):
@@ -37,8 +54,7 @@ def small_config(root: Path, name: str, *, max_steps: int, every: int, batch_siz
             args.update(every_n_steps=every, num_images=2, num_inference_steps=3)
     trainer["callbacks"] += extra_callbacks or []
     data = config["data"]["init_args"]
-    data.update(synthetic={"num_images": 16, "size": 32, "seed": 0}, batch_size=batch_size,
-                root=str(root / "data"))
+    data.update(synthetic={"num_images": 16, "size": 32, "seed": 0}, batch_size=batch_size, root=str(root / "data"))
     if not (root / "data").is_dir():  # generated once here, so concurrent runs never race to create it
         ensure_synthetic(root / "data", SynthConfig(**data["synthetic"]))
     path = root / f"{name}.yaml"
@@ -52,17 +68,23 @@ def fit_command(config: Path, *extra: str) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    """Offline, two threads (the same in every run, so float reductions agree), tests importable."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    """Offline, one thread (the same in every run, so float reductions agree; see conftest), tests importable."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+    )
     env.pop("INSIGHTEDIT_DEBUG", None)
     return env
 
 
 def run_fit(config: Path, cwd: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``insightedit fit`` to completion; fail the test with its output if it fails."""
-    result = subprocess.run(fit_command(config, *extra), cwd=cwd, env=environment(), capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        fit_command(config, *extra), cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -88,9 +110,17 @@ class RecordRanks(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "sources": self.sources,
-                    "instructions": self.instructions, "before": self.before, "after": self._weights(pl_module)},
-                   self.out_dir / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "rank": trainer.global_rank,
+                "world": trainer.world_size,
+                "sources": self.sources,
+                "instructions": self.instructions,
+                "before": self.before,
+                "after": self._weights(pl_module),
+            },
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )
 
 
 class RecordShards(Callback):
@@ -127,8 +157,13 @@ class RecordShards(Callback):
         for name, p in pl_module.named_parameters():
             sharded = isinstance(p, DTensor)
             placements = tuple((type(x).__name__, getattr(x, "dim", None)) for x in p.placements) if sharded else ()
-            self.layout[name] = (sharded, placements,
-                                 p.to_local().numel() if sharded else p.numel(), p.numel(), p.requires_grad)
+            self.layout[name] = (
+                sharded,
+                placements,
+                p.to_local().numel() if sharded else p.numel(),
+                p.numel(),
+                p.requires_grad,
+            )
         self.before = self._gathered(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -141,6 +176,16 @@ class RecordShards(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         after = self._gathered(pl_module)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "layout": self.layout,
-                    "before": self.before, "after": after, "steps": self.steps, "sources": self.sources,
-                    "losses": self.losses}, self.out_dir / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "rank": trainer.global_rank,
+                "world": trainer.world_size,
+                "layout": self.layout,
+                "before": self.before,
+                "after": after,
+                "steps": self.steps,
+                "sources": self.sources,
+                "losses": self.losses,
+            },
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )
