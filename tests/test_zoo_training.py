@@ -4,7 +4,8 @@ For each member in :data:`insightedit.models.zoo.MEMBERS`, built once (tiny, sma
 :class:`EditorSystem` of stage 3: two Lightning steps on 32 px synthetic data change exactly the
 parameters of the stage's groups (by name, and as many as the groups hold), every other weight and
 buffer stays bit for bit, and ``trainer.save_checkpoint`` → ``EditorSystem.load_from_checkpoint`` edits
-exactly as the trained system does. Stage 1 of every member with an MLLM trains no UNet.
+exactly as the trained system does; the image logger writes the trained member's edits. Stage 1 of every
+member with an MLLM trains no UNet.
 
 Two steps, not one: tensors behind a zero-initialised factor (LoRA's A behind B = 0, the BIM's transformer
 behind its zero heads) get their first gradient in the second step. The whole file takes about 20 s on
@@ -16,13 +17,17 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
+from insightedit.callbacks.image_logging import EditImageLogger, triptychs
 from insightedit.data.datamodule import AdvancedEditDataModule
 from insightedit.data.synthetic import SynthConfig, synthesize
 from insightedit.models.zoo import MEMBERS, get_member
@@ -72,19 +77,24 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def train_loader(root: Path, system: EditorSystem) -> DataLoader:
+def datamodule(root: Path, system: EditorSystem) -> AdvancedEditDataModule:
     """Batches of 2 with every key a member reads (``mllm_source`` at the MLLM's size, ``clip_target``...)."""
     size = system.editor.mllm_image_size() or 32
-    data = AdvancedEditDataModule(
+    return AdvancedEditDataModule(
         root=str(root),
         resolution=32,
         clip_size=32,
         mllm_size=size,
         batch_size=2,
         num_workers=0,
-        val_fraction=0.0,
+        val_fraction=0.3,  # one of the three images: the image logger's held-out batch
         check_images=False,
     )
+
+
+def train_loader(root: Path, system: EditorSystem) -> DataLoader:
+    """The training batches of :func:`datamodule`."""
+    data = datamodule(root, system)
     data.setup("fit")
     return data.train_dataloader()
 
@@ -116,7 +126,7 @@ def an_edit(system: EditorSystem) -> torch.Tensor:
 
 @dataclass
 class Run:
-    """One member after a stage-3 fit: the system, its state before and after, a checkpoint and an edit."""
+    """One member after a stage-3 fit: the system, its state before and after, a checkpoint, an edit, the logger."""
 
     member: str
     system: EditorSystem
@@ -124,6 +134,8 @@ class Run:
     after: dict[str, torch.Tensor]
     checkpoint: Path
     edited: torch.Tensor
+    logger: EditImageLogger
+    folder: Path
 
 
 @pytest.fixture(scope="module", params=_params(list(MEMBERS)))
@@ -131,10 +143,14 @@ def run(request: pytest.FixtureRequest, data_root: Path, tmp_path_factory: pytes
     member = request.param
     system = build(member, stage=3)
     before = state(system)
+    folder = tmp_path_factory.mktemp(member)
+    logger = EditImageLogger(every_n_steps=STEPS, num_images=2, num_inference_steps=2, seed=4)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=STEPS,
         logger=False,
+        callbacks=[logger],
+        default_root_dir=folder,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -142,11 +158,11 @@ def run(request: pytest.FixtureRequest, data_root: Path, tmp_path_factory: pytes
         num_sanity_val_steps=0,
     )
     L.seed_everything(0, verbose=False)
-    trainer.fit(system, train_dataloaders=train_loader(data_root, system))
+    trainer.fit(system, datamodule=datamodule(data_root, system))
     assert trainer.global_step == STEPS
-    checkpoint = tmp_path_factory.mktemp(member) / "trained.ckpt"
+    checkpoint = folder / "trained.ckpt"
     trainer.save_checkpoint(checkpoint)
-    return Run(member, system, before, state(system), checkpoint, an_edit(system))
+    return Run(member, system, before, state(system), checkpoint, an_edit(system), logger, folder)
 
 
 def test_a_stage3_fit_changes_exactly_the_parameters_of_the_stage_groups(run: Run) -> None:
@@ -169,6 +185,36 @@ def test_a_stage3_fit_changes_exactly_the_parameters_of_the_stage_groups(run: Ru
     unmoved = trainable - changed
     assert all(name.endswith("k_proj.bias") for name in unmoved), sorted(unmoved)[:5]
     assert len(unmoved) <= 1, sorted(unmoved)
+
+
+def test_the_image_logger_writes_the_trained_member_s_edit_of_its_held_out_batch(run: Run, tmp_path: Path) -> None:
+    batch = run.logger._batch
+    assert batch is not None and len(batch["instruction"]) == 2
+    run.system.eval()
+    edited = run.system.edit(  # what the logger ran after the last step, with the same seed and steps
+        batch["source"],
+        batch["mllm_source"],
+        batch["instruction"],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(4),
+    )
+    expected = np.concatenate(triptychs(batch["source"], edited, batch["target"]), axis=0)
+    written = np.asarray(Image.open(run.folder / "edits" / f"step_{STEPS:06d}.png"))
+    assert np.array_equal(written, expected)
+    if run.system.editor.mllm is None:  # held-out data without the MLLM's view: the logger passes None
+        held_out = {key: value for key, value in batch.items() if key != "mllm_source"}
+        logger = EditImageLogger(num_images=2, num_inference_steps=2, seed=4)
+        trainer = SimpleNamespace(
+            datamodule=SimpleNamespace(val_dataloader=lambda: [held_out]),
+            is_global_zero=True,
+            strategy=None,
+            global_step=7,
+            loggers=[],
+            default_root_dir=str(tmp_path),
+        )
+        logger.on_fit_start(trainer, run.system)  # type: ignore[arg-type]
+        logger.log_edits(trainer, run.system)  # type: ignore[arg-type]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "edits" / "step_000007.png")), expected)
 
 
 @pytest.mark.parametrize("member", _params(list(MEMBERS)))

@@ -53,6 +53,9 @@ class EditImageLogger(Callback):
         num_inference_steps: DDIM steps of the edit (few: this runs during training).
         seed: the sampling generator's seed, the same for every grid.
         sampling: further keyword arguments of ``edit`` (``text_guidance``, ``image_guidance``).
+
+    Works for every member of the zoo: it calls the system's ``edit(source, mllm_source, instructions,
+    ...)`` and passes ``mllm_source`` only when the batch has one.
         key: the W&B media key.
 
     Runs on rank 0 only, except under sharded strategies (FSDP, FSDP2) where every rank must take part in
@@ -106,10 +109,11 @@ class EditImageLogger(Callback):
         finally:
             restore_rng_state(state)
         n = self.num_images
+        mllm_source = batch.get("mllm_source")  # only members with an MLLM read it
         self._batch = {
             "source": batch["source"][:n],
             "target": batch["target"][:n],
-            "mllm_source": batch["mllm_source"][:n],
+            "mllm_source": mllm_source[:n] if isinstance(mllm_source, torch.Tensor) else None,
             "instruction": list(batch["instruction"][:n]),
         }
 
@@ -135,6 +139,7 @@ class EditImageLogger(Callback):
             return
         device = pl_module.device
         batch = self._batch
+        mllm_source = batch["mllm_source"]
         modes = {module: module.training for module in pl_module.modules()}
         state = capture_rng_state()
         gather: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -148,7 +153,7 @@ class EditImageLogger(Callback):
             with gather:
                 edited = pl_module.edit(  # type: ignore[operator]
                     batch["source"].to(device),
-                    batch["mllm_source"].to(device),
+                    None if mllm_source is None else mllm_source.to(device),
                     batch["instruction"],
                     num_inference_steps=self.num_inference_steps,
                     generator=generator,
