@@ -81,7 +81,9 @@ def predict(
     system.prediction = PredictSettings(out_dir=str(out), num_inference_steps=STEPS)
     config = tiny_config(system.hparams["member"])["data"]["init_args"]
     sizes = {key: config[key] for key in ("resolution", "mllm_size", "clip_size")}
-    datamodule = AdvancedEditDataModule(**{"root": str(out.parent), **sizes, **data}, batch_size=batch_size)
+    # the config's synthetic set is neither read nor generated when a manifest names the images
+    unused = {"root": str(out.parent / "no-data"), "synthetic": {"num_images": 4, "size": 32, "seed": 0}}
+    datamodule = AdvancedEditDataModule(**{**unused, **sizes, **data}, batch_size=batch_size)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
     )
@@ -201,6 +203,7 @@ def test_predict_writes_source_sized_edits_independent_of_batching_and_resumes(
     assert all(row["seed"] == record_seed(row["id"], 0) and row["num_inference_steps"] == STEPS for row in rows)
     assert {(row["width"], row["height"]) for row in rows} == set(SIZES.values())
     assert not list((tmp_path / "two").glob(".predictions.rank*"))  # journals merged and removed
+    assert not (tmp_path / "no-data").exists()
 
     # resume: two outputs gone; only those two are loaded and edited, the others are not touched
     out = tmp_path / "two"
@@ -257,6 +260,20 @@ def test_ranks_share_the_remaining_records_without_repeats(synthetic, tmp_path):
         "r0",
         "r1",
     ]
+
+
+def test_sharded_strategies_are_refused_for_predict(insightedit_system, tmp_path):
+    from insightedit.training.sharding import FSDP2Strategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), logger=False)
+    insightedit_system.trainer = trainer
+    insightedit_system.prediction = PredictSettings(out_dir=str(tmp_path / "out"))
+    try:
+        with pytest.raises(UserError, match="use --trainer.strategy=ddp"):
+            insightedit_system.setup("predict")
+    finally:
+        insightedit_system.trainer = None
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------- every member
@@ -346,8 +363,20 @@ def test_predict_command_with_a_checkpoint_then_evaluate(insightedit_system, syn
     assert len(report["missing"]) == report["counts"]["records"] - len(rows) > 0  # the other split's records
     assert all(np.isfinite(row["psnr"]) for row in report["rows"])
 
-    assert main([*common[:-2]]) == 2  # nothing to predict named: one line
-    assert "predict needs what to edit" in capsys.readouterr().err
+
+def test_predict_data_options_are_checked_in_one_line(synthetic, tmp_path):
+    with pytest.raises(UserError, match="predict needs what to edit: --data.init_args.predict_split=test"):
+        AdvancedEditDataModule(root=str(synthetic)).setup("predict")
+    with pytest.raises(UserError, match="predict_split must be one of train, val, test, all"):
+        AdvancedEditDataModule(root=str(synthetic), predict_split="tests")
+    with pytest.raises(UserError, match="not both"):
+        AdvancedEditDataModule(root=str(synthetic), predict_split="val", predict_manifest="m.jsonl")
+    # no test split (test_fraction 0): the val split, as `insightedit test` edits
+    as_test = AdvancedEditDataModule(root=str(synthetic), predict_split="test", val_fraction=0.5)
+    as_test.setup("predict")
+    as_val = AdvancedEditDataModule(root=str(synthetic), predict_split="val", val_fraction=0.5)
+    as_val.setup("predict")
+    assert as_test.predict_dataset.records == as_val.predict_dataset.records != []
 
 
 # --------------------------------------------------------------------------------- real DDP, slow
@@ -379,6 +408,7 @@ def test_two_process_ddp_predict_writes_each_record_once(images, tmp_path):
     assert int(shares[1]) == int(shares[2]) + int(shares[3]) == len(SIZES) and min(int(shares[2]), int(shares[3])) > 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [row["id"] for row in rows] == sorted(SIZES) and len(list(out.rglob("*.png"))) == len(SIZES)
+    assert not (tmp_path / "data").exists()  # the config's synthetic set was not generated
     L.seed_everything(0)  # as the config's seed_everything: the same random weights as the command built
     system = EditorSystem(**tiny_config("insightedit")["model"]["init_args"])
     expected = reference_edit(system, images / "sq_a.png", "remove the red circle", "sq/a")

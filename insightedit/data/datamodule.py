@@ -13,6 +13,7 @@ from insightedit.data.checking import CheckReport, enforce_bad_fraction, scan_re
 from insightedit.data.dataset import EditDataset, split_by_source
 from insightedit.data.images import CLIP_MEAN, CLIP_STD
 from insightedit.data.manifest import (
+    INSTRUCTION_CHOICES,
     PredictDataset,
     collate_predict,
     read_predict_manifest,
@@ -38,11 +39,11 @@ class AdvancedEditDataModule(L.LightningDataModule):
     of them stops with a :class:`UserError` naming files and reasons.
 
     ``insightedit predict`` edits either a split of these records (``predict_split``: ``train``, ``val``,
-    ``test`` or ``all``; each record's source with its first plain or reasoning instruction, as
-    ``predict_instruction`` says) or the images a prediction manifest names (``predict_manifest``, a
-    JSONL or CSV file of ``id, image, instruction``, images under ``predict_images``; see
-    :mod:`insightedit.data.manifest`), whole, at ``resolution``² pixels with their aspect. With a manifest
-    the records are not read (nor a synthetic set generated).
+    ``test`` (``val`` when ``test_fraction`` is 0, as ``insightedit test``) or ``all``; each record's source
+    with its first plain or reasoning instruction, as ``predict_instruction`` says) or the images a
+    prediction manifest names (``predict_manifest``, a JSONL or CSV file of ``id, image, instruction``,
+    images under ``predict_images``; see :mod:`insightedit.data.manifest`), whole, at ``resolution``²
+    pixels with their aspect. With a manifest the records are not read (nor a synthetic set generated).
     """
 
     def __init__(
@@ -90,6 +91,8 @@ class AdvancedEditDataModule(L.LightningDataModule):
         self.datasets: dict[str, Any] = {}
         if predict_split is not None and predict_split not in PREDICT_SPLITS:
             raise UserError(f"predict_split must be one of {', '.join(PREDICT_SPLITS)}, got {predict_split!r}")
+        if predict_instruction not in INSTRUCTION_CHOICES:
+            raise UserError(f"predict_instruction must be plain or reasoning, got {predict_instruction!r}")
         if predict_split is not None and predict_manifest is not None:
             raise UserError("give predict_split or predict_manifest, not both")
         if predict_images is not None and predict_manifest is None:
@@ -162,6 +165,9 @@ class AdvancedEditDataModule(L.LightningDataModule):
                     f"{self.root} holds streaming shards: predict reads records (point root at them) or a manifest"
                 )
             names = ("train", "val", "test") if hp.predict_split == "all" else (hp.predict_split,)
+            if names == ("test",) and "test" not in self.datasets:  # as `insightedit test` does
+                log.warning("no test split (test_fraction=%s): predicting the val split", hp.test_fraction)
+                names = ("val",)
             if not any(name in self.datasets for name in names):
                 raise UserError(f"no {hp.predict_split} split in {self.root} (val_fraction={hp.val_fraction}, "
                                 f"test_fraction={hp.test_fraction})")  # fmt: skip

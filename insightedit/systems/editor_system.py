@@ -319,6 +319,11 @@ class EditorSystem(L.LightningModule):
             return
         if not self.stage.use_unet:
             raise UserError(f"stage {self.stage.name!r} has no UNet and cannot edit: predict with a stage 2 or 3 model")
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy) and self.trainer.world_size > 1:
+            # sharded weights are gathered collectively per forward; ranks edit unequal numbers of batches
+            raise UserError("predict runs data-parallel: use --trainer.strategy=ddp (every rank holds the whole model)")
         out_dir = Path(self.prediction.out_dir or Path(self.trainer.default_root_dir) / "predictions")
         run = PredictionRun(self.prediction, out_dir, self.global_rank)
         done = self.trainer.strategy.broadcast(done_ids(out_dir) if self.trainer.is_global_zero else None)
