@@ -8,7 +8,7 @@ from insightedit.cli import main
 def test_help_lists_lightning_subcommands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "data"):
+    for command in ("fit", "validate", "test", "predict", "data", "zoo", "plan"):
         assert f"  {command} " in out
 
 
@@ -39,3 +39,14 @@ def test_fit_help_comes_from_lightning(capsys):
     assert main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--trainer.max_steps" in out and "--model" in out and "--data" in out
+
+
+def test_help_and_the_command_table_import_no_torch():
+    """Subcommands are imported when they run: ``--help`` (and the zoo's entry in it) loads no torch."""
+    code = (
+        "import sys; from insightedit.cli import main, EXTRA_COMMANDS; main(['--help']); "
+        "assert 'zoo' in EXTRA_COMMANDS; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
