@@ -165,6 +165,7 @@ class PredictionRun:
 
         settings = self.settings
         multiple = size_multiple(editor)
+        dtype = next(editor.generation.unet.parameters()).dtype
         groups: dict[tuple[int, int], list[int]] = {}
         for index in self._rows(batch):
             height, width = batch["image"][index].shape[-2:]
@@ -174,6 +175,7 @@ class PredictionRun:
         for size, members in groups.items():
             images = [batch["image"][index].float().unsqueeze(0) / 255 for index in members]
             source = torch.cat([resize(image, size) for image in images]) * 2 - 1  # (b, 3, h, w) in [-1, 1]
+            source = source.to(dtype)  # the UNet's own under a "-true" precision (mixed ones autocast)
             mllm_source = views[members] if isinstance(views, torch.Tensor) and editor.needs_mllm_view() else None
             ids = [batch["id"][index] for index in members]
             seeds = [record_seed(record_id, settings.seed) for record_id in ids]
