@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 from insightedit.data.datamodule import AdvancedEditDataModule
 from insightedit.data.records import load_records
 from insightedit.data.synthetic import SynthConfig, synthesize
+from insightedit.systems.editor_system import EditorSystem
 from insightedit.systems.generation import GenerationModule
-from insightedit.systems.insightedit import InsightEditSystem
 
 STEPS = 2
 BROKEN = Path("0_source_img") / "000001.png"
@@ -87,7 +87,9 @@ def test_a_bad_record_is_counted_cumulatively_and_a_clean_set_logs_zero(datasets
     assert fit(tiny_generation(), datasets["clean"], tmp_path / "clean") == [(0, 0.0), (1, 0.0)]
 
 
-def test_the_insightedit_system_logs_skipped_samples_too(datasets, tmp_path):
+def test_an_editor_system_logs_skipped_samples_too(datasets, tmp_path):
     L.seed_everything(0)
-    system = InsightEditSystem(preset="tiny", stage=1, comprehension={"num_mm_tokens": 8, "lora_rank": 4})
+    system = EditorSystem(
+        member="insightedit", preset="tiny", stage=1, comprehension={"num_mm_tokens": 8, "lora_rank": 4}
+    )
     assert fit(system, datasets["bad"], tmp_path) == [(0, 36.0), (1, 72.0)]
