@@ -608,6 +608,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{results['eval_pairs']} held-out pairs, protocol {test.protocol} at {test.resolution} px, "
         f"{test.num_inference_steps} DDIM steps, guidance text {test.text_guidance} / image {test.image_guidance}.",
         "",
+        "Minutes of CPU training on the 32-px synthetic twin: the table shows which members begin to edit, not "
+        "which is best, and is never comparable with the paper's numbers "
+        "(docs/deviations.md#6-the-comparison-on-the-twin).",
+        "",
         "| run | steps | train s | edit + score s |",
         "|---|---|---|---|",
         *(
