@@ -603,8 +603,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
         f"`{results['command']}` at `{results['git_commit']}`; {results['machine']['affinity_cores']} cores "
         f"(load {results['machine']['load_average_at_start'][0]:.1f} at start), wall time "
-        f"{results['wall_seconds'] / 60:.1f} min. Stand-in: {pretrain_steps} steps; every member: stage 3, "
-        f"{args.steps} steps from it, batch {data_args['batch_size']}, seed {args.seed}. "
+        f"{results['wall_seconds'] / 60:.1f} min. Stand-in: {results['runs']['stand-in']['steps']} steps; "
+        f"every member: stage 3, {args.steps} steps from it, batch {data_args['batch_size']}, seed {args.seed}. "
         f"{results['eval_pairs']} held-out pairs, protocol {test.protocol} at {test.resolution} px, "
         f"{test.num_inference_steps} DDIM steps, guidance text {test.text_guidance} / image {test.image_guidance}.",
         "",
@@ -619,6 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for row, run in results["runs"].items()
         ),
         "",
+        *([] if results["equal_steps"] else ["**The members trained unequal steps (stopped by --max-minutes).**", ""]),
         *(f"- {member}: {note}" for member, note in notes.items()),
         "",
     ]
