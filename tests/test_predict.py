@@ -294,7 +294,8 @@ def test_predict_command_with_a_checkpoint_then_evaluate(insightedit_system, syn
     monkeypatch.chdir(tmp_path)
     system = insightedit_system
     checkpoint = tmp_path / "stage3.ckpt"
-    state = {name: value for name, value in system.state_dict().items() if name in system.saved_names()}
+    kept = system.saved_names()
+    state = {name: value for name, value in system.state_dict().items() if name in kept}
     torch.save(
         {
             "state_dict": state,
