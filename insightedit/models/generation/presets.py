@@ -111,11 +111,11 @@ def load_unet_from_lightning_checkpoint(unet: UNet2DConditionModel, path: Path) 
     """Load the UNet of a Lightning checkpoint into ``unet``, every key.
 
     The checkpoint is an ``EditorSystem``'s (``editor.generation.unet.unet.*``, e.g. the tiny
-    InstructPix2Pix member, ``insightedit fit --config lightning_configs/tiny/instruct_pix2pix.yaml``) or a
-    ``GenerationModule``'s (``model.unet.unet.*``, or ``unet.unet.*`` from before the zoo). This is how a
-    tiny twin starts from its own InstructPix2Pix stand-in, as the full system starts from
-    ``timbrooks/instruct-pix2pix``. An image branch in the checkpoint is left out (the members that have
-    one initialise it from the UNet's ``to_k``/``to_v``).
+    InstructPix2Pix member trained with its ``tiny/instruct_pix2pix.yaml``) or a ``GenerationModule``'s
+    (``model.unet.unet.*``, or ``unet.unet.*`` from before the zoo). This is how a tiny twin starts from
+    its own InstructPix2Pix stand-in, as the full system starts from ``timbrooks/instruct-pix2pix``. An
+    image branch in the checkpoint is left out (the members that have one initialise it from the UNet's
+    ``to_k``/``to_v``).
     """
     if not path.is_file():
         raise FileNotFoundError(f"generation.pretrained: checkpoint {path} not found")
