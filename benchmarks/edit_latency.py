@@ -1,16 +1,19 @@
-"""Edit latency: InsightEditPipeline against diffusers' StableDiffusionInstructPix2PixPipeline, same UNet and steps.
+"""Edit latency: a member's EditPipeline against diffusers' StableDiffusionInstructPix2PixPipeline, same UNet and steps.
 
 Both pipelines drive the *same* UNet object (InstructPix2Pix sees it with its plain text-only attention
-processors, InsightEdit with the decoupled image branch), the same VAE, the same sampler (DDIM on the
-same schedule) and the same number of steps, on the same source image, batch 1. InsightEdit adds one
-MLLM pass and one bridge pass per edit and a second cross-attention per layer per step. Latency is the
-median over interleaved runs in one process; the MLLM + bridge share comes from the pipeline's own
-phase timings. Peak memory is measured in a fresh child process per pipeline (so one pipeline's freed
-memory cannot hide the other's): on CUDA ``max_memory_allocated``, on the CPU the peak rise of the
-resident set during the first edit, sampled every 2 ms, plus the weights each pipeline holds.
+processors, the member with its own, e.g. InsightEdit's decoupled image branch), the same VAE, the same
+sampler (DDIM on the same schedule) and the same number of steps, on the same source image, batch 1.
+InsightEdit adds one MLLM pass and one bridge pass per edit and a second cross-attention per layer per
+step. Latency is the median over interleaved runs in one process; the share of the conditions (MLLM +
+bridge: the pipeline's ``understand`` phase) comes from the pipeline's own phase timings. Peak memory is
+measured in a fresh child process per pipeline (so one pipeline's freed memory cannot hide the other's):
+on CUDA ``max_memory_allocated``, on the CPU the peak rise of the resident set during the first edit,
+sampled every 2 ms, plus the weights each pipeline holds. Rows name the member; its columns are
+``member_*``.
 
     python benchmarks/edit_latency.py                 # tiny (3.9M UNet) and small (22M UNet), 20 steps
     python benchmarks/edit_latency.py --configs tiny --runs 3 --threads 1
+    python benchmarks/edit_latency.py --member smartedit --configs tiny --runs 1 --steps 2
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from diffusers import StableDiffusionInstructPix2PixPipeline
 from diffusers.utils import logging as diffusers_logging
 from peak_memory import PeakRss  # benchmarks/peak_memory.py
 
-from insightedit.pipeline import InsightEditPipeline
+from insightedit.models.zoo import MEMBERS
+from insightedit.pipeline import EditPipeline
 from insightedit.pipeline.settings import make_scheduler
-from insightedit.systems.insightedit import InsightEditSystem
+from insightedit.systems.editor_system import EditorSystem
 
 INSTRUCTION = "remove the red circle"
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -51,15 +55,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(name: str, device: torch.device) -> tuple[InsightEditPipeline, StableDiffusionInstructPix2PixPipeline]:
-    """A tiny InsightEdit system of config ``name`` and diffusers' InstructPix2Pix on the same parts."""
+def build(
+    name: str, device: torch.device, member: str = "insightedit"
+) -> tuple[EditPipeline, StableDiffusionInstructPix2PixPipeline]:
+    """A tiny ``member`` of config ``name`` and diffusers' InstructPix2Pix on the same parts."""
     torch.manual_seed(0)
     config = CONFIGS[name]
     unet_config = {**config["unet_config"], "norm_num_groups": 16}
-    system = InsightEditSystem(preset="tiny", stage=3, generation={"latent": "vae", "unet_config": unet_config})
+    generation_args = {"latent": "vae", "unet_config": unet_config}
+    system = EditorSystem(member=member, preset="tiny", stage=3, generation=generation_args)
     system.to(device).eval()
-    ours = InsightEditPipeline.from_system(system)
-    generation = system.generation
+    ours = EditPipeline.from_system(system)
+    generation = ours.generation
     theirs = StableDiffusionInstructPix2PixPipeline(
         vae=generation.latent_space.vae,
         text_encoder=generation.text_encoder.model,
@@ -74,18 +81,24 @@ def build(name: str, device: torch.device) -> tuple[InsightEditPipeline, StableD
     return ours, theirs
 
 
-def run_ours(pipe: InsightEditPipeline, image: torch.Tensor, steps: int) -> dict[str, float]:
-    """One InsightEdit edit; its phase timings."""
+def run_ours(pipe: EditPipeline, image: torch.Tensor, steps: int) -> dict[str, float]:
+    """One edit by the member; its phase timings (``understand``, ``generate``, ``total``)."""
     return pipe(image, INSTRUCTION, num_inference_steps=steps, seed=0, output_type="pt").timings
 
 
-def run_theirs(pipe: StableDiffusionInstructPix2PixPipeline, ours: InsightEditPipeline, image: torch.Tensor,
-               steps: int) -> float:
+def run_theirs(
+    pipe: StableDiffusionInstructPix2PixPipeline, ours: EditPipeline, image: torch.Tensor, steps: int
+) -> float:
     """One InstructPix2Pix edit on the same UNet with its text-only processors; seconds."""
     start = time.perf_counter()
     with ours.generation.unet._text_only():
-        pipe(INSTRUCTION, image=image[None], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-             output_type="pt")
+        pipe(
+            INSTRUCTION,
+            image=image[None],
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
     if image.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -100,15 +113,15 @@ def weight_bytes(*modules: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def child(name: str, which: str, steps: int, device: torch.device) -> dict[str, Any]:
+def child(name: str, which: str, steps: int, device: torch.device, member: str) -> dict[str, Any]:
     """Peak memory of one pipeline's first edit, in this (fresh) process."""
-    ours, theirs = build(name, device)
+    ours, theirs = build(name, device, member)
     image = torch.rand(3, CONFIGS[name]["resolution"], CONFIGS[name]["resolution"], device=device)
     generation = ours.generation
     if which == "ip2p":
         weights = weight_bytes(generation.unet.unet, generation.latent_space, generation.text_encoder)
     else:
-        weights = weight_bytes(ours.comprehension, ours.bridging, generation.unet, generation.latent_space)
+        weights = weight_bytes(*ours.editor.understanding_modules(), generation.unet, generation.latent_space)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -118,40 +131,55 @@ def child(name: str, which: str, steps: int, device: torch.device) -> dict[str, 
     return {"weights_bytes": weights, "peak_rise_bytes": int(peak)}
 
 
-def measure_memory(name: str, which: str, steps: int, device: str) -> dict[str, Any]:
+def measure_memory(name: str, which: str, steps: int, device: str, member: str) -> dict[str, Any]:
     """Run :func:`child` in a fresh interpreter."""
-    command = [sys.executable, __file__, "--child", which, "--configs", name, "--steps", str(steps), "--device", device,
-               "--threads", str(torch.get_num_threads())]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--configs",
+        name,
+        "--steps",
+        str(steps),
+        "--device",
+        device,
+        "--threads",
+        str(torch.get_num_threads()),
+        "--member",
+        member,
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def bench(name: str, steps: int, runs: int, device: torch.device) -> dict[str, Any]:
+def bench(name: str, steps: int, runs: int, device: torch.device, member: str) -> dict[str, Any]:
     """Interleaved latency of both pipelines on config ``name``, and each one's peak memory."""
-    ours, theirs = build(name, device)
+    ours, theirs = build(name, device, member)
     size = CONFIGS[name]["resolution"]
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
     unet_params = sum(p.numel() for p in ours.generation.unet.unet.parameters())
     run_theirs(theirs, ours, image, steps), run_ours(ours, image, steps)  # warm up
-    ip2p, insight, conditions = [], [], []
+    ip2p, edits, conditions = [], [], []
     for _ in range(runs):
         ip2p.append(run_theirs(theirs, ours, image, steps))
         timings = run_ours(ours, image, steps)
-        insight.append(timings["total"])
-        conditions.append(timings["understand"] + timings["bridge"])
+        edits.append(timings["total"])
+        conditions.append(timings["understand"])
     row = {
+        "member": member,
         "config": name,
         "unet_params": unet_params,
         "resolution": size,
         "steps": steps,
         "ip2p_s": statistics.median(ip2p),
-        "insightedit_s": statistics.median(insight),
-        "mllm_bridge_s": statistics.median(conditions),
+        "member_s": statistics.median(edits),
+        "conditions_s": statistics.median(conditions),
     }
-    row["ratio"] = row["insightedit_s"] / row["ip2p_s"]
-    row["mllm_bridge_share"] = row["mllm_bridge_s"] / row["insightedit_s"]
-    for which in ("ip2p", "insightedit"):
-        row[f"{which}_memory"] = measure_memory(name, which, steps, str(device))
+    row["ratio"] = row["member_s"] / row["ip2p_s"]
+    row["conditions_share"] = row["conditions_s"] / row["member_s"]
+    for which in ("ip2p", "member"):
+        row[f"{which}_memory"] = measure_memory(name, which, steps, str(device), member)
     return row
 
 
@@ -159,15 +187,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the results."""
     mib = 2**20
     lines = [
-        "| UNet | px | steps | InstructPix2Pix s | InsightEdit s | ratio | MLLM+bridge share | weights MiB (IP2P / IE) "
-        "| peak rise MiB (IP2P / IE) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| member | UNet | px | steps | InstructPix2Pix s | member s | ratio | conditions share "
+        "| weights MiB (IP2P / member) | peak rise MiB (IP2P / member) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        a, b = r["ip2p_memory"], r["insightedit_memory"]
+        a, b = r["ip2p_memory"], r["member_memory"]
         lines.append(
-            f"| {r['config']} ({r['unet_params'] / 1e6:.1f}M) | {r['resolution']} | {r['steps']} | {r['ip2p_s']:.3f} "
-            f"| {r['insightedit_s']:.3f} | {r['ratio']:.2f}× | {100 * r['mllm_bridge_share']:.2f}% "
+            f"| {r['member']} | {r['config']} ({r['unet_params'] / 1e6:.1f}M) | {r['resolution']} | {r['steps']} "
+            f"| {r['ip2p_s']:.3f} | {r['member_s']:.3f} | {r['ratio']:.2f}× | {100 * r['conditions_share']:.2f}% "
             f"| {a['weights_bytes'] / mib:.1f} / {b['weights_bytes'] / mib:.1f} "
             f"| {a['peak_rise_bytes'] / mib:.1f} / {b['peak_rise_bytes'] / mib:.1f} |"
         )
@@ -176,12 +204,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--member", default="insightedit", choices=list(MEMBERS), help="the member to time")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--child", choices=["ip2p", "insightedit"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ip2p", "member"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edit_latency.json")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()
@@ -189,9 +218,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.child:
-        print(json.dumps(child(args.configs[0], args.child, args.steps, device)))
+        print(json.dumps(child(args.configs[0], args.child, args.steps, device, args.member)))
         return
-    rows = [bench(name, args.steps, args.runs, device) for name in args.configs]
+    rows = [bench(name, args.steps, args.runs, device, args.member) for name in args.configs]
     table = format_table(rows)
     print(table)
     result = {
