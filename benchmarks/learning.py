@@ -1,23 +1,26 @@
-"""Does the tiny stage-3 InsightEdit system learn to edit? Trained vs untrained vs the identity edit.
+"""Do the tiny members of the zoo learn to edit? Trained vs untrained vs the identity edit.
 
-Trains the tiny stage-3 system of ``--config`` (default ``lightning_configs/tiny/stage3.yaml``) on the
+Trains tiny members of the zoo (``--members``, default ``insightedit``, ``insightedit_no_iaa`` and
+``instruct_pix2pix``) with the model, data and learning rates of ``--config`` (default
+``lightning_configs/tiny/stage3.yaml``; each member keeps the sections and stage settings it reads) on the
 synthetic AdvancedEdit twin, then edits held-out pairs (whole source images never seen in training)
 and reports, in one run, PSNR to the target *inside* the edit mask and *outside* it for:
 
 - ``identity``: output = source (inside: how far the target is from the source; outside: exact, ∞);
-- ``untrained``: the same system before training (same seed, same sampler);
-- ``trained``: the system after ``trainer.max_steps`` steps;
-- ``trained w/o IAA``: the paper's ablation on the twin — stage 3 without the IAA stream: no
-  ``L_IAA``, the Mapper frozen and the image branch's weight λ = 0, everything else equal;
-- ``InstructPix2Pix-style`` (``--variants ip2p``): the same UNet and diffusion settings conditioned on the
-  frozen text encoder's encoding of the instruction, no MLLM and no bridge (the baseline the paper improves).
+- ``untrained``: the first member before training (same seed, same sampler);
+- ``trained (<member>)``: each member after ``trainer.max_steps`` stage-3 steps. ``insightedit_no_iaa`` is
+  the paper's ablation (no Mapper, no CLIP tower, no image branch, no ``L_IAA``), ``instruct_pix2pix``
+  the baseline the paper improves: the same UNet and diffusion settings conditioned on the frozen text
+  encoder's encoding of the instruction, no MLLM and no bridge.
 
 Held-out pairs are scored twice: with their templated instruction (``remove the red circle``) and with a
 reasoning phrasing (``Remove the smallest object.``), one table each.
 
 PSNR is per image (data range 1, images in [0, 1], the masked pixels' MSE over all three channels),
 capped at :data:`insightedit.evaluation.metrics.PSNR_CAP_DB`, then averaged, overall and per task type.
-Sampling is DDIM with the module's own scheduler and guidance 1 (``--text-guidance``/``--image-guidance``).
+Every member is an :class:`~insightedit.systems.editor_system.EditorSystem` and edits through
+``system.edit(source, mllm_source, instructions, ...)``. Sampling is DDIM with the member's own scheduler
+and guidance 1 (``--text-guidance``/``--image-guidance``).
 Writes ``learning.json``, ``learning.md`` and ``learning_edits.png`` (source | edited | target, with
 the instruction) under ``--out``.
 
@@ -43,9 +46,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from insightedit.data import AdvancedEditDataModule
 from insightedit.evaluation.metrics import PSNR_CAP_DB
-from insightedit.systems.generation import GenerationModule
-from insightedit.systems.insightedit import InsightEditSystem
-from insightedit.systems.stages import GROUPS
+from insightedit.models.zoo import MEMBERS, SECTIONS, get_member
+from insightedit.systems.editor_system import EditorSystem
 
 TASKS = ("remove", "add", "replace")
 
@@ -78,29 +80,32 @@ def load_config(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
     return config["model"]["init_args"], config["data"]["init_args"], config.get("trainer", {})
 
 
-def without_iaa(model_args: dict[str, Any]) -> dict[str, Any]:
-    """Stage 3 without the IAA stream: no ``L_IAA``, Mapper frozen, image branch weight λ = 0."""
+def member_args(model_args: dict[str, Any], member: str) -> dict[str, Any]:
+    """The config's model arguments for ``member``: the sections, options and stage settings it reads.
+
+    A stage-3 InsightEdit config becomes, e.g., the InstructPix2Pix member with the same generation
+    section, the UNet's learning rate and the same weight decay and warmup.
+    """
+    entry = get_member(member)
+    editor = entry.editor_class()
     args = copy.deepcopy(model_args)
+    args["member"] = member
+    for section in SECTIONS:
+        if section not in entry.sections:
+            args.pop(section, None)
+    if "align_target" not in entry.options:
+        args.pop("align_target", None)
     settings = dict(args.get("stage_settings") or {})
-    settings["train"] = [g for g in settings.get("train", GROUPS) if g != "mapper"]
-    weights = dict(settings.get("loss_weights") or {"llm": 1.0, "iaa": 1.0, "align": 1.0, "diff": 1.0})
-    weights.pop("iaa", None)
-    settings["loss_weights"] = weights
-    args["stage_settings"] = settings
-    args["generation"] = {**(args.get("generation") or {}), "image_scale": 0.0}
+    if settings.get("learning_rates"):
+        settings["learning_rates"] = {
+            k: v for k, v in settings["learning_rates"].items() if k in editor.optimizer_groups
+        }
+    if settings.get("loss_weights"):
+        settings["loss_weights"] = {k: v for k, v in settings["loss_weights"].items() if k in editor.losses}
+    if settings.get("train"):
+        settings["train"] = [group for group in settings["train"] if group in editor.groups]
+    args["stage_settings"] = settings or None
     return args
-
-
-def ip2p_args(model_args: dict[str, Any]) -> dict[str, Any]:
-    """GenerationModule settings of an InstructPix2Pix-style editor on the system's UNet: no image branch."""
-    generation = dict(model_args.get("generation") or {})
-    generation.pop("image_scale", None)
-    generation.pop("num_image_tokens", None)
-    rates = (model_args.get("stage_settings") or {}).get("learning_rates") or {}
-    return {
-        "preset": model_args.get("preset", "tiny"), **generation, "image_embed_dim": 0,
-        "learning_rate": float(rates.get("unet", 1e-4)), "weight_decay": float(model_args.get("weight_decay", 0.0)),
-    }  # fmt: skip
 
 
 def held_out_batches(
@@ -122,7 +127,8 @@ def held_out_batches(
         chunk = samples[start : start + batch_size]
         batch: dict[str, Any] = {}
         for key in ("source", "target", "mask", "mllm_source"):
-            batch[key] = torch.stack([s[key] for s in chunk])
+            if key in chunk[0]:
+                batch[key] = torch.stack([s[key] for s in chunk])
         for key in ("instruction", "task_type", "record_id"):
             batch[key] = [s[key] for s in chunk]
         batches.append(batch)
@@ -138,7 +144,7 @@ def masked_psnr(edited: torch.Tensor, target: torch.Tensor, region: torch.Tensor
 
 @torch.no_grad()
 def evaluate(
-    system: InsightEditSystem | GenerationModule | None, batches: list[dict[str, Any]], sampling: dict[str, Any]
+    system: EditorSystem | None, batches: list[dict[str, Any]], sampling: dict[str, Any]
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """PSNR inside/outside the mask per task type; ``system=None`` is the identity edit."""
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"in": [], "out": []})
@@ -148,13 +154,10 @@ def evaluate(
     for index, batch in enumerate(batches):
         if system is None:
             edited = batch["source"]
-        elif isinstance(system, GenerationModule):
-            generator = torch.Generator().manual_seed(index)
-            edited = system.edit(batch["source"], instructions=batch["instruction"], generator=generator, **sampling)
         else:
             generator = torch.Generator().manual_seed(index)
             edited = system.edit(
-                batch["source"], batch["mllm_source"], batch["instruction"], generator=generator, **sampling
+                batch["source"], batch.get("mllm_source"), batch["instruction"], generator=generator, **sampling
             )
         outputs.append(edited)
         edited01, target01 = (edited + 1) / 2, (batch["target"] + 1) / 2
@@ -178,12 +181,11 @@ def train(
     seed: int,
     label: str,
     max_minutes: float | None = None,
-    module: type[L.LightningModule] = InsightEditSystem,
     save_to: Path | None = None,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Build (seeded) and train one system; return it, an untrained copy and the run's statistics."""
+) -> tuple[EditorSystem, EditorSystem, dict[str, Any]]:
+    """Build (seeded) and train one member; return it, an untrained copy and the run's statistics."""
     L.seed_everything(seed, verbose=False)
-    system = module(**copy.deepcopy(model_args))
+    system = EditorSystem(**copy.deepcopy(model_args))
     untrained = copy.deepcopy(system)
     timer = StepTimer()
     trainer = L.Trainer(
@@ -253,71 +255,60 @@ def markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def save_as_instruct_pix2pix(generation: GenerationModule, folder: Path) -> Path:
-    """Write a trained text-conditioned module in InstructPix2Pix's hub layout (unet/, scheduler/, text_encoder/,
-    tokenizer/): the tiny twin of ``timbrooks/instruct-pix2pix``, loadable as ``generation.pretrained``."""
-    generation.unet.unet.save_pretrained(folder / "unet")
-    generation.noise_scheduler.save_pretrained(folder / "scheduler")
-    assert generation.text_encoder is not None and generation.text_encoder.tokenizer is not None
-    generation.text_encoder.model.save_pretrained(folder / "text_encoder")
-    generation.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
-    return folder
-
-
 def paper_recipe(
     model_args: dict[str, Any],
     data_args: dict[str, Any],
     data: AdvancedEditDataModule,
     args: argparse.Namespace,
     work: Path,
-) -> tuple[GenerationModule, InsightEditSystem, dict[str, InsightEditSystem], dict[str, Any]]:
-    """The paper's order on the twin: a tiny InstructPix2Pix UNet, then stage 1 (align), [2,] 3, each from the last.
+) -> tuple[EditorSystem, EditorSystem | None, dict[str, EditorSystem], dict[str, Any]]:
+    """The paper's order on the twin: a tiny InstructPix2Pix, then stage 1 (align), [2,] 3 of each member.
 
     The full system starts from ``timbrooks/instruct-pix2pix``, a UNet that already reads text encodings; the
-    twin's counterpart is trained here first (``--pretrain-steps``, templated instructions only). Stage 1 then
-    aligns the MLLM + Q-Former to that text space, and stage 3 trains everything together, once per
-    variant of ``--variants`` (``iaa``, ``no_iaa``), both from the same earlier stages. Returns the
-    InstructPix2Pix-style module, the system entering stage 3 and the trained system of each variant.
+    twin's counterpart is the ``instruct_pix2pix`` member trained here first (``--pretrain-steps``, templated
+    instructions only), whose checkpoint every other member of ``--members`` loads as
+    ``generation.pretrained``. Each of those then runs its own stages 1 [and 2] (``init_from`` the last) and
+    stage 3. Returns the InstructPix2Pix member, the first other member as it enters stage 3 and each
+    member's trained system.
     """
     stats: dict[str, Any] = {}
     plain = AdvancedEditDataModule(**{**data_args, "reasoning_probability": 0.0})
     plain.prepare_data()
     plain.setup("fit")
+    base = work / "instruct_pix2pix.ckpt"
     ip2p, _, stats["pretrain"] = train(
-        ip2p_args(model_args), plain, args.pretrain_steps, args.seed, "tiny InstructPix2Pix", module=GenerationModule
-    )
-    base = save_as_instruct_pix2pix(ip2p, work / "instruct-pix2pix-tiny")
-    generation = {**(model_args.get("generation") or {}), "pretrained": str(base)}
-    previous: str | None = None
-    for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):
-        if steps <= 0:
-            continue
-        stage_args = {**copy.deepcopy(model_args), "stage": stage, "generation": generation, "init_from": previous}
-        checkpoint = work / f"stage{stage}.ckpt"
-        _, _, stats[f"stage{stage}"] = train(
-            stage_args, data, steps, args.seed, f"stage {stage}", args.max_minutes, save_to=checkpoint
-        )
-        previous = str(checkpoint)
-    systems: dict[str, InsightEditSystem] = {}
-    entering: InsightEditSystem | None = None
-    for variant in [v for v in args.variants if v in ("iaa", "no_iaa")]:
-        variant_args = copy.deepcopy(model_args) if variant == "iaa" else without_iaa(model_args)
-        variant_args.update(stage=3, init_from=previous)
-        variant_args["generation"] = {**variant_args.get("generation", {}), "pretrained": str(base)}
-        systems[variant], before, stats[f"stage3_{variant}"] = train(
-            variant_args, data, args.steps, args.seed, f"stage 3 ({variant})", args.max_minutes
-        )
+        member_args(model_args, "instruct_pix2pix"), plain, args.pretrain_steps, args.seed, "tiny InstructPix2Pix",
+        save_to=base,
+    )  # fmt: skip
+    systems: dict[str, EditorSystem] = {}
+    entering: EditorSystem | None = None
+    for member in [m for m in args.members if m != "instruct_pix2pix"]:
+        chain_args = member_args(model_args, member)
+        chain_args["generation"] = {**(chain_args.get("generation") or {}), "pretrained": str(base)}
+        previous: str | None = None
+        for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):
+            if steps <= 0:
+                continue
+            checkpoint = work / f"{member}_stage{stage}.ckpt"
+            _, _, stats[f"{member}_stage{stage}"] = train(
+                {**chain_args, "stage": stage, "init_from": previous}, data, steps, args.seed,
+                f"{member} stage {stage}", args.max_minutes, save_to=checkpoint,
+            )  # fmt: skip
+            previous = str(checkpoint)
+        systems[member], before, stats[f"{member}_stage3"] = train(
+            {**chain_args, "stage": 3, "init_from": previous}, data, args.steps, args.seed, f"{member} stage 3",
+            args.max_minutes,
+        )  # fmt: skip
         entering = entering or before
-    assert entering is not None, "the paper recipe needs the iaa and/or no_iaa variant"
     return ip2p, entering, systems, stats
 
 
 KINDS = {"templated": 0.0, "reasoning": 1.0}  # held-out instruction phrasing -> reasoning probability
-LABELS = {"iaa": "stage 3", "no_iaa": "stage 3 w/o IAA", "ip2p": "InstructPix2Pix-style, same UNet"}
+DEFAULT_MEMBERS = ["insightedit", "insightedit_no_iaa", "instruct_pix2pix"]
 
 
 def main() -> None:
-    """Parse arguments, train the variants, evaluate every row on both phrasings, write tables and picture."""
+    """Parse arguments, train the members, evaluate every row on both phrasings, write tables and picture."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("lightning_configs/tiny/stage3.yaml"))
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's max_steps)")
@@ -332,7 +323,9 @@ def main() -> None:
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--text-guidance", type=float, default=1.0)
     parser.add_argument("--image-guidance", type=float, default=1.0)
-    parser.add_argument("--variants", nargs="+", default=["iaa", "no_iaa", "ip2p"], choices=list(LABELS))
+    parser.add_argument(
+        "--members", nargs="+", default=DEFAULT_MEMBERS, choices=list(MEMBERS), help="the members to train and score"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop each training run after this long")
@@ -341,10 +334,10 @@ def main() -> None:
         "--recipe",
         choices=["stage3", "paper"],
         default="stage3",
-        help="stage3: each variant trains stage 3 from scratch; paper: tiny InstructPix2Pix UNet, "
-        "then stages 1, 2, 3 in order (see paper_recipe)",
+        help="stage3: each member trains stage 3 from scratch; paper: the tiny InstructPix2Pix member, "
+        "then each other member's stages 1, 2, 3 in order from it (see paper_recipe)",
     )
-    parser.add_argument("--pretrain-steps", type=int, default=1000, help="paper recipe: InstructPix2Pix-style steps")
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="paper recipe: InstructPix2Pix steps")
     parser.add_argument("--stage1-steps", type=int, default=400, help="paper recipe: stage-1 (align) steps")
     parser.add_argument("--stage2-steps", type=int, default=0, help="paper recipe: stage-2 steps (0: skipped)")
     args = parser.parse_args()
@@ -395,28 +388,22 @@ def main() -> None:
         results["recipe"] = {"pretrain_steps": args.pretrain_steps, "stage1_steps": args.stage1_steps,
                              "stage2_steps": args.stage2_steps, "stage3_steps": args.steps}  # fmt: skip
         results["runs"] = stats
-        score(f"InstructPix2Pix-style, same UNet ({args.pretrain_steps} steps, templated)", ip2p)
-        score("InsightEdit after stage 1 (stage-3 start)", entering)
-        for variant, system in systems.items():
-            outputs = score(f"InsightEdit after {LABELS[variant]}", system)
-            trained_outputs = trained_outputs or outputs
-        args.variants = []
-    for variant in args.variants:
-        label = LABELS[variant]
-        if variant == "ip2p":
+        ip2p_outputs = score(f"instruct_pix2pix ({args.pretrain_steps} steps, templated)", ip2p)
+        if entering is not None:
+            score(f"{entering.hparams['member']} at the start of stage 3", entering)
+        member_outputs = [score(f"{member} after stage 3", system) for member, system in systems.items()]
+        trained_outputs = member_outputs[0] if member_outputs else ip2p_outputs
+    else:
+        for number, member in enumerate(args.members):
             system, untrained, stats = train(
-                ip2p_args(model_args), data, steps, args.seed, label, args.max_minutes, module=GenerationModule
+                member_args(model_args, member), data, steps, args.seed, member, args.max_minutes
             )
-        else:
-            variant_args = model_args if variant == "iaa" else without_iaa(model_args)
-            system, untrained, stats = train(variant_args, data, steps, args.seed, label, args.max_minutes)
-            if variant == "iaa":
-                score(f"untrained ({label})", untrained)
-        outputs = score(f"trained ({label})", system)
-        results["runs"][variant] = stats
-        if trained_outputs is None:
-            trained_outputs = outputs
-        print(report(), flush=True)
+            if number == 0:
+                score(f"untrained ({member})", untrained)
+            outputs = score(f"trained ({member})", system)
+            results["runs"][member] = stats
+            trained_outputs = trained_outputs if trained_outputs is not None else outputs
+            print(report(), flush=True)
     results["rows"] = {kind: dict(table) for kind, table in rows.items()}
     text = report()
     (args.out / "learning.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -424,9 +411,9 @@ def main() -> None:
     assert trained_outputs is not None
     picture(held_out["templated"], trained_outputs, args.out / "learning_edits.png", count=12, scale=3)
     print(text)
-    for variant, stats in results["runs"].items():
+    for run, stats in results["runs"].items():
         rate = stats["steps_per_second"]
-        print(f"{variant}: {stats['steps']} steps in {stats['seconds']:.0f} s ({rate:.2f} steps/s)")
+        print(f"{run}: {stats['steps']} steps in {stats['seconds']:.0f} s ({rate:.2f} steps/s)")
 
 
 if __name__ == "__main__":
