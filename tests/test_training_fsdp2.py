@@ -115,11 +115,7 @@ def test_one_rank_fsdp2_matches_the_unsharded_system(one_rank_mesh, checkpointin
 @pytest.mark.parametrize(
     ("member", "units"),
     [("instruct_pix2pix", {"editor.generation.unet", "editor.generation.text_encoder"}),
-     pytest.param("mgie", {"editor.comprehension", "editor.generation.unet", "editor.generation.text_encoder",
-                           "editor.head"},
-                  marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-                      "MGIEEditor.conditions reads comprehension.input_rows.new_rows outside the MLLM unit's "
-                      "forward: under FSDP2 that parameter is still a sharded DTensor")))],
+     ("mgie", {"editor.comprehension", "editor.generation.unet", "editor.generation.text_encoder", "editor.head"})],
 )  # fmt: skip
 def test_one_rank_fsdp2_matches_the_unsharded_system_for_other_members(one_rank_mesh, member, units):
     from torch.distributed.tensor import DTensor
