@@ -1,7 +1,7 @@
 """The registry of the zoo's members: name → paper, what it conditions on, config sections, builder.
 
 Adding a member is one model file (an :class:`~insightedit.models.editor.Editor` subclass and a build
-function), one entry here, and a tiny and a full-size yaml under ``lightning_configs/`` (docs/zoo.md).
+function), one entry here, and a tiny and a full-size yaml in the configs folder (docs/zoo.md).
 Builders are named as ``module:function`` and imported only when that member is built.
 """
 

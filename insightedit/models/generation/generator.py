@@ -280,8 +280,8 @@ class EditGenerator(nn.Module):
         hparams = dict(settings["hparams"])
         hparams["latent"] = settings["latent"]["kind"]
         hparams.pop("device", None)
-        for lightning_only in ("learning_rate", "weight_decay"):  # folders written by GenerationModule before
-            hparams.pop(lightning_only, None)
+        for trainer_only in ("learning_rate", "weight_decay"):  # folders written by GenerationModule before
+            hparams.pop(trainer_only, None)
         return cls(**hparams, pretrained=str(directory))
 
 

@@ -107,7 +107,7 @@ def _subfolder(source: str, name: str) -> dict[str, Any]:
 UNET_PREFIXES = ("editor.generation.unet.unet.", "model.unet.unet.", "unet.unet.")
 
 
-def load_unet_from_lightning_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
+def load_unet_from_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
     """Load the UNet of a Lightning checkpoint into ``unet``, every key.
 
     The checkpoint is an ``EditorSystem``'s (``editor.generation.unet.unet.*``, e.g. the tiny
@@ -187,7 +187,7 @@ def build_generation_components(
                 unet = UNet2DConditionModel(**config)
                 scheduler = DDPMScheduler(**STABLE_DIFFUSION_SCHEDULER)
                 if from_checkpoint:  # before the image branch copies to_k / to_v
-                    load_unet_from_lightning_checkpoint(unet, Path(str(pretrained)))
+                    load_unet_from_checkpoint(unet, Path(str(pretrained)))
             edit_unet = EditUNet(
                 unet,
                 image_embed_dim=image_embed_dim or None,
