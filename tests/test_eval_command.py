@@ -229,38 +229,3 @@ def test_advancededit_protocol_with_records(tmp_path: Path) -> None:
     assert set(report["groups"]) == {"all", "subset:remove", "subset:replace"}
     assert report["protocol"]["with_target_metrics"] is True and report["resolution"] == 64
     assert "64x64" in report["protocol"]["preservation"]
-
-
-def test_advancededit_records_with_a_repeated_id_are_refused(tmp_path: Path, capsys) -> None:
-    """Predictions are matched by id: two records sharing one would score one edit twice, so evaluate stops."""
-    from insightedit.data.records import EditRecord, encode_mask, write_manifest
-
-    images = tmp_path / "images"
-    images.mkdir()
-    photo("astronaut").save(images / "a.png")
-    mask = np.zeros((96, 96), dtype=bool)
-    mask[0:8, 0:8] = True
-    record = EditRecord(
-        id="dup",
-        source_id="a",
-        source_path=images / "a.png",
-        target_path=images / "a.png",
-        instructions=["make it so"],
-        reasoning_instructions=[],
-        task_type="remove",
-        target_caption="a cat",
-        bbox=[0, 0, 8, 8],
-        segmentation=encode_mask(mask),
-    )
-    manifest = write_manifest([record, record], tmp_path / "data" / "manifest.jsonl")
-    predictions = tmp_path / "pred"
-    predictions.mkdir()
-    shutil.copy(images / "a.png", predictions / "dup.png")
-    code = cli_main(
-        ["evaluate", "--data", str(manifest.parent), "--pred-dir", str(predictions), "--protocol", "advancededit",
-         "--no-clip", "--lpips", "none", "--out", str(tmp_path / "report.json")]
-    )  # fmt: skip
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0
-    assert len(err) == 1 and "duplicate record ids" in err[0] and "manifest.jsonl:2" in err[0], err
-    assert not (tmp_path / "report.json").exists()

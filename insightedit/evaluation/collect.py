@@ -91,12 +91,10 @@ def collect_advancededit(root: Path, pred_dir: Path) -> Collection:
     skipped: dict[str, str] = {str(bad.where): str(bad.reason) for bad in getattr(record_set, "bad", [])}
     if not records:
         raise UserError(f"no AdvancedEdit records under {root}")
-    # the loader keeps the first record of an id and reports the others; predictions are matched by id
-    # (<id>.png), so a repeated id would score one edit against two different records: refuse
-    repeated = [f"{where} ({reason})" for where, reason in skipped.items() if reason.startswith("duplicate id")]
-    if repeated:
-        raise UserError(f"duplicate record ids under {root}, e.g. {repeated[0]}; make every id unique to evaluate")
     ids = [str(record.id) for record in records]
+    duplicates = sorted({record_id for record_id in ids if ids.count(record_id) > 1})
+    if duplicates:
+        raise UserError(f"duplicate record ids under {root}: {', '.join(duplicates[:5])}")
     found, missing, unexpected = _match(ids, pred_dir)
     samples: list[EvalSample] = []
     notes: dict[str, str] = {}
