@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from diffusers.utils import logging as diffusers_logging
 from peak_memory import PeakRss  # benchmarks/peak_memory.py
+from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 from insightedit.models.zoo import MEMBERS
 from insightedit.pipeline import EditPipeline
@@ -224,7 +224,7 @@ def main() -> None:
     table = format_table(rows)
     print(table)
     result = {
-        "date": date.today().isoformat(),
+        **provenance(),
         "device": str(device),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "torch_threads": torch.get_num_threads(),

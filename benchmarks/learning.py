@@ -43,6 +43,7 @@ import lightning as L
 import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
+from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 from insightedit.data import AdvancedEditDataModule
 from insightedit.evaluation.metrics import PSNR_CAP_DB
@@ -406,7 +407,7 @@ def main() -> None:
             print(report(), flush=True)
     results["rows"] = {kind: dict(table) for kind, table in rows.items()}
     text = report()
-    (args.out / "learning.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "learning.json").write_text(json.dumps({**provenance(), **results}, indent=2) + "\n")
     (args.out / "learning.md").write_text(text + "\n")
     assert trained_outputs is not None
     picture(held_out["templated"], trained_outputs, args.out / "learning_edits.png", count=12, scale=3)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from peak_memory import PeakRss  # benchmarks/peak_memory.py
+from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 from insightedit.models.zoo import MEMBERS
 from insightedit.systems.editor_system import EditorSystem
@@ -107,6 +108,7 @@ def main() -> None:
             f"{args.member}_stage3": sum(p.numel() for p in system.parameters() if p.requires_grad),
         },
     }
+    result = {**provenance(), **result}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,6 @@ import math
 import os
 import platform
 import random
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +60,9 @@ from insightedit.evaluation.model_test import EditTestRun, TestSettings
 from insightedit.evaluation.report import aggregate_groups
 from insightedit.models.zoo import MEMBERS, get_member
 from insightedit.systems.editor_system import EditorSystem
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 TASKS = ("remove", "add", "replace")
 PHRASINGS = {"templated": 0.0, "reasoning": 1.0}  # held-out phrasing -> reasoning probability
@@ -375,16 +376,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def git_commit() -> str:
-    """The commit the code ran at, ``+dirty`` when the tree had changes."""
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 # ---------------------------------------------------------------------------------------------- W&B
 def wandb_logger(args: argparse.Namespace, group: str, name: str, config: dict[str, Any]) -> Any:
     """An offline W&B logger of the shared project and group (``None`` with ``--no-wandb``)."""
@@ -509,9 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else args.steps
     group = f"zoo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     results: dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "git_commit": git_commit(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **provenance(),
         "machine": machine(),
         "steps": args.steps,
         "pretrain_steps": pretrain_steps,
@@ -601,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     header = [
         f"# The zoo on equal terms ({results['date']})",
         "",
-        f"`{results['command']}` at `{results['git_commit']}`; {results['machine']['affinity_cores']} cores "
+        f"`{results['command']}` at `{results['commit']}`; {results['machine']['affinity_cores']} cores "
         f"(load {results['machine']['load_average_at_start'][0]:.1f} at start), wall time "
         f"{results['wall_seconds'] / 60:.1f} min. Stand-in: {results['runs']['stand-in']['steps']} steps; "
         f"every member: stage 3, {args.steps} steps from it, batch {data_args['batch_size']}, seed {args.seed}. "
