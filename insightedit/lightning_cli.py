@@ -1,7 +1,9 @@
 """``insightedit fit|validate|test|predict``: Lightning's CLI over any LightningModule and DataModule.
 
 Configs name their classes (``model.class_path``), compose (``--config a.yaml --config b.yaml``) and may
-use omegaconf interpolation (``${...}``).
+use omegaconf interpolation (``${...}``), resolved after the command line is merged (jsonargparse's
+``omegaconf+`` mode): ``--trainer.default_root_dir=DIR`` moves the checkpoints and the W&B run that the
+configs place at ``${trainer.default_root_dir}``, and ``config.yaml`` records the values really used.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from insightedit.errors import UserError
 from insightedit.training.composition import compose_config_args
 from insightedit.training.config_saving import SaveResolvedConfig
+from insightedit.training.run_folder import check_fresh_run_folders
 from insightedit.training.run_outputs import check_run_outputs, drop_logger_only_callbacks
 from insightedit.training.safe_load import check_distributed_checkpoint, checkpoint_error
 
@@ -34,6 +38,19 @@ class InsightEditCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands, without ``weights_only`` (checkpoints are always loaded weights-only)."""
         return {name: {*skipped, "weights_only"} for name, skipped in LightningCLI.subcommands().items()}
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        """``test`` prints its own table, so Lightning's metric table is off (``--verbose=true`` restores it).
+
+        ``fit`` takes ``--overwrite`` (start over in a folder that holds a previous run).
+        """
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "test":
+            parser.set_defaults(verbose=False)  # the metrics are still logged
+        if subcommand == "fit":  # see insightedit.training.run_folder
+            parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a "
+                                "previous run: delete its checkpoints and config.yaml first")
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path``'s hyperparameters (weights-only); a refused file is one line."""
@@ -61,6 +78,11 @@ class InsightEditCLI(LightningCLI):
         """``fit``/``test``: refuse run folders that cannot be written, before the model and data are built."""
         if self.subcommand in ("fit", "test"):
             check_run_outputs(self.config[self.subcommand].get("trainer"))
+        if self.subcommand == "fit" and rank_zero_only.rank == 0:  # other ranks start after rank 0 wrote config.yaml
+            config = self.config["fit"]
+            removed = check_fresh_run_folders(config.get("trainer"), config.get("ckpt_path"), config.get("overwrite"))
+            if removed:
+                rank_zero_info(f"--overwrite: removed the previous run's {', '.join(map(str, removed))}")
 
     def after_instantiate_classes(self) -> None:
         """Without a logger (``--trainer.logger=false``), leave out the callbacks that need one, with a note."""
@@ -92,6 +114,8 @@ def run_lightning_cli(argv: list[str]) -> int:
     """Run a Lightning subcommand with ``argv`` (``["fit", "--config", ...]``); return the exit code."""
     # the console script passes sys.argv[1:] on as `args`, which Lightning warns about; that is intended
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # omegaconf+ resolves ${trainer.default_root_dir} from the root of each subcommand's config
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     argv, merged_configs = compose_config_args(argv)
     try:
         InsightEditCLI(
@@ -100,7 +124,7 @@ def run_lightning_cli(argv: list[str]) -> int:
             subclass_mode_model=True,
             subclass_mode_data=True,
             args=argv,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} resolved after the command line is merged
             save_config_callback=SaveResolvedConfig,
             save_config_kwargs={"overwrite": True},
         )

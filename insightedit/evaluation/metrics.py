@@ -97,6 +97,28 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0, cap: float = PSNR_CAP_DB
     return PsnrValue(value=min(raw, cap), raw=raw, capped=raw >= cap)
 
 
+def psnr_in_region(a: Tensor, b: Tensor, weights: Tensor, cap: float = PSNR_CAP_DB) -> PsnrValue | None:
+    """PSNR (data range 1) of two ``(1, 3, H, W)`` images over a region only; ``None`` for an empty region.
+
+    The squared error is averaged over the region's pixels alone, weighted by ``weights`` ``(1, 1, H, W)``
+    in [0, 1] (for a binary mask: the mean over the mask's pixels), unlike the protocols' masked PSNR, which
+    zeroes the other pixels and averages over the whole image.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if weights.shape[-2:] != a.shape[-2:]:
+        raise ValueError(f"mask size {tuple(weights.shape[-2:])} differs from image size {tuple(a.shape[-2:])}")
+    weights = weights.to(torch.float64)
+    total = float(weights.sum()) * a.shape[1]
+    if total <= 0:
+        return None
+    error = float((((a.double() - b.double()) ** 2) * weights).sum()) / total
+    if math.isnan(error):
+        raise ValueError("PSNR is NaN: the images contain NaN values")
+    raw = math.inf if error <= 0 else -10.0 * math.log10(error)
+    return PsnrValue(value=min(raw, cap), raw=raw, capped=raw >= cap)
+
+
 def _ssim_map(a: Tensor, b: Tensor) -> Tensor:
     """The Gaussian SSIM map of torchmetrics ``(1, 3, H, W)`` (window 11, sigma 1.5, data_range 1, reflect padding)."""
     _, full_map = structural_similarity_index_measure(

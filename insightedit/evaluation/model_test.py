@@ -3,11 +3,14 @@
 The system edits each test batch; this module turns the tensors into the protocol's samples, scores
 them with the same engine as ``insightedit evaluate`` and, at the end, lays the means out like the
 paper's table: one row per system (this checkpoint, and the identity edit ``edited = source`` as the
-floor every real edit must clear), the paper's columns, the protocol and backbones named above it.
+floor every real edit must clear) pooled and per task type, the columns grouped by what they compare
+(the source outside the mask, the target), the protocol and backbones named above it, the in-mask PSNR
+against the identity edit and a note on reading that comparison below it.
 """
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,18 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from insightedit.evaluation.metrics import PSNR_CAP_DB
 from insightedit.evaluation.protocols import EvalSample, get_protocol
-from insightedit.evaluation.report import aggregate_groups, write_csv, write_json
+from insightedit.evaluation.report import aggregate_groups, for_console, format_grouped_table, write_csv, write_json
 from insightedit.evaluation.runner import EvalOptions, load_scorers, score_samples
 
-PAPER_COLUMNS = (
-    ("viescore_O/10", "VIEScore", 3),
-    ("clip", "CLIPScore", 3),
-    ("psnr", "PSNR", 3),
-    ("ssim", "SSIM", 3),
-    ("lpips", "LPIPS", 3),
-    ("psnr_target", "PSNR-tgt", 3),
-    ("ssim_target", "SSIM-tgt", 3),
+IDENTITY_NOTE = (
+    "note: the identity edit (output = source) keeps the background perfectly and the edit region is small, so it "
+    "scores high on whole-image PSNR/SSIM to the target; a model below it there is not worse than doing nothing: "
+    "in-mask PSNR to the target measures the edit."
 )
 
 
@@ -132,6 +132,7 @@ class EditTestRun:
             "lpips": self.scorers.lpips.label if self.scorers.lpips else "not computed",
             "clip_model": self.scorers.clip.name if self.scorers.clip else "not computed",
             "judge": "not computed",
+            "psnr_cap_db": PSNR_CAP_DB,
             "protocol": self.protocol.describe(),
             "settings": asdict(self.settings),
             "systems": {system: aggregate_groups(rows) for system, rows in self.rows.items()},
@@ -139,30 +140,80 @@ class EditTestRun:
         }
 
     def table(self, report: dict[str, object]) -> str:
-        """The paper's layout: a row per system (pooled), then per task type."""
+        """The paper's layout: pooled rows, then per task type, each with every system; the in-mask headline."""
         systems: dict[str, dict[str, dict[str, object]]] = report["systems"]  # type: ignore[assignment]
         lines = [
             f"protocol {report['protocol_name']} | {report['resolution']}x{report['resolution']} | "
             f"LPIPS: {report['lpips']} | CLIP: {report['clip_model']} | VIEScore judge: {report['judge']}"
         ]
-        header = ["system", "group", "n"] + [title for _, title, _ in PAPER_COLUMNS]
-        body = []
-        for system, groups in systems.items():
-            for group, summary in groups.items():
-                cells = [system, group.replace("subset:", ""), str(summary.get("n", 0))]
-                for key, _, digits in PAPER_COLUMNS:
-                    value = summary.get(key)
-                    cells.append("n/a" if value is None else f"{float(value):.{digits}f}")  # type: ignore[arg-type]
-                body.append(cells)
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        lines.append("  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+        groups = dict.fromkeys(group for summaries in systems.values() for group in summaries)
+        rows = [
+            ([system, group.replace("subset:", ""), str(summaries[group].get("n", 0))], summaries[group])
+            for group in groups
+            for system, summaries in systems.items()
+            if group in summaries
+        ]
+        lines += format_grouped_table(["system", "group", "n"], rows, float(report["psnr_cap_db"]))  # type: ignore[arg-type]
+        headline = in_mask_headline(systems)
+        if headline:
+            lines.append(headline)
+        if "identity edit" in systems:
+            lines.append(textwrap.fill(IDENTITY_NOTE, width=110, subsequent_indent="      "))
+        return for_console("\n".join(lines))
+
+    def outputs(self, json_path: Path, csv_path: Path, loggers: list[Any]) -> str:
+        """Where this run wrote: the edits, the report files and each logger's run, one line each."""
+        lines = []
+        if self.edits_dir is not None:
+            count = len(self.rows.get("this checkpoint", []))
+            lines.append(
+                f"edits:  {count} PNGs of this checkpoint in {self.edits_dir} "
+                "(`insightedit evaluate --pred-dir` reads them)"
+            )
+        lines.append(f"report: {json_path} and {csv_path}")
+        lines += [f"{name}: {where}" for name, where in (logger_location(logger) for logger in loggers)]
+        if not loggers:
+            lines.append("logger: none (trainer.logger=false): the means are in the report only")
         return "\n".join(lines)
 
     def write(self, report: dict[str, object], directory: Path) -> tuple[Path, Path]:
         """``test_report.json`` and ``test_report.csv`` in ``directory``."""
         json_path, csv_path = directory / "test_report.json", directory / "test_report.csv"
         write_json(report, json_path)
-        header = {k: report[k] for k in ("protocol_name", "resolution", "lpips", "clip_model", "judge")}
+        header = {k: report[k] for k in ("protocol_name", "resolution", "lpips", "clip_model", "judge", "psnr_cap_db")}
         write_csv(report["rows"], csv_path, header)  # type: ignore[arg-type]
         return json_path, csv_path
+
+
+def in_mask_headline(systems: dict[str, dict[str, dict[str, object]]]) -> str | None:
+    """The checkpoint's pooled in-mask PSNR to the target beside the identity edit's, and the gain per task type."""
+    model, identity = systems.get("this checkpoint", {}), systems.get("identity edit", {})
+
+    def gain(group: str) -> float | None:
+        ours, floor = model.get(group, {}).get("psnr_in_mask"), identity.get(group, {}).get("psnr_in_mask")
+        return None if ours is None or floor is None else float(ours) - float(floor)  # type: ignore[arg-type]
+
+    pooled = gain("all")
+    if pooled is None:
+        return None
+    tasks = [(group.replace("subset:", ""), gain(group)) for group in model if group.startswith("subset:")]
+    per_task = ", ".join(f"{task} {value:+.2f}" for task, value in tasks if value is not None)
+    return (
+        f"in-mask PSNR to the target: this checkpoint {float(model['all']['psnr_in_mask']):.2f} dB, "  # type: ignore[arg-type]
+        f"identity edit {float(identity['all']['psnr_in_mask']):.2f} dB ({pooled:+.2f} dB"  # type: ignore[arg-type]
+        + (f"; per task type {per_task})" if per_task else ")")
+    )
+
+
+def logger_location(logger: Any) -> tuple[str, str]:
+    """A logger's name and where its run lives: a W&B run's folder (offline) or URL, else its log dir."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        run = logger.experiment
+        settings = getattr(run, "settings", None)
+        if getattr(run, "offline", False) and settings is not None:
+            return "W&B run", f"{settings.sync_dir} (offline: `wandb sync` that folder to upload it)"
+        return "W&B run", str(getattr(run, "url", None) or getattr(run, "dir", "unknown"))
+    where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    return f"{type(logger).__name__}", str(where)

@@ -26,6 +26,7 @@ from insightedit.evaluation.metrics import (
     apply_keep,
     keep_weights,
     psnr,
+    psnr_in_region,
     ssim,
     to_unit_tensor,
 )
@@ -58,6 +59,11 @@ class Protocol:
         info["ssim"] = SSIM_IMPLEMENTATIONS[self.ssim_implementation]
         info["lpips_inputs"] = "[-1, 1]"
         info["clip_preprocess"] = CLIP_PREPROCESSING[self.clip_preprocessing]
+        if self.with_target_metrics:
+            info["target_metrics"] = (
+                "psnr_target, ssim_target, lpips_target: the EDITED image vs the TARGET image, whole image, no mask; "
+                "psnr_in_mask: EDITED vs TARGET over the edit mask's pixels only (squared error averaged over them)"
+            )
         return info
 
 
@@ -194,7 +200,11 @@ def prepare(sample: EvalSample, protocol: Protocol) -> PreparedSample:
 
 
 def pixel_scores(prepared: PreparedSample, protocol: Protocol, lpips: LpipsMetric | None) -> dict[str, object]:
-    """PSNR / SSIM / LPIPS of the protocol's pairs; ``*_target`` keys compare edited with the target image."""
+    """PSNR / SSIM / LPIPS of the protocol's pairs; ``*_target`` keys compare edited with the target image.
+
+    ``psnr_in_mask`` is the PSNR of edited vs target over the edit mask's pixels alone (did the edit
+    happen); ``None`` for an empty mask or without a target.
+    """
     keep = keep_weights(prepared.mask)
     source = apply_keep(to_unit_tensor(prepared.source), keep)
     edited = apply_keep(to_unit_tensor(prepared.edited), keep)
@@ -207,16 +217,26 @@ def pixel_scores(prepared: PreparedSample, protocol: Protocol, lpips: LpipsMetri
     }
     if protocol.with_target_metrics:
         if prepared.target is None:
-            scores.update(psnr_target=None, psnr_target_capped=None, ssim_target=None, lpips_target=None)
+            scores.update(
+                psnr_target=None,
+                psnr_target_capped=None,
+                ssim_target=None,
+                lpips_target=None,
+                psnr_in_mask=None,
+                psnr_in_mask_capped=None,
+            )
         else:
             whole_edit = to_unit_tensor(prepared.edited)
             whole_target = to_unit_tensor(prepared.target)
             target_psnr = psnr(whole_edit, whole_target)
+            in_mask = psnr_in_region(whole_edit, whole_target, 1.0 - keep)
             scores.update(
                 psnr_target=target_psnr.value,
                 psnr_target_capped=target_psnr.capped,
                 ssim_target=ssim(whole_edit, whole_target, protocol.ssim_implementation),
                 lpips_target=lpips(whole_edit, whole_target) if lpips is not None else None,
+                psnr_in_mask=None if in_mask is None else in_mask.value,
+                psnr_in_mask_capped=None if in_mask is None else in_mask.capped,
             )
     return scores
 

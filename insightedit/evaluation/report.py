@@ -1,7 +1,9 @@
 """Aggregate per-edit rows into group means, print the table, write JSON and CSV.
 
 Every mean is taken over the edits where the metric exists; ``n`` columns say how many. PSNR means use
-the capped per-image values (see ``PSNR_CAP_DB``) and ``psnr_n_capped`` counts the capped images.
+the capped per-image values (see ``PSNR_CAP_DB``) and ``psnr_n_capped`` counts the capped images. The
+printed table groups its columns by what they compare (source outside the mask, target, the edited image
+alone) and shows a PSNR whose every image was capped as ``∞``; JSON and CSV keep the capped number.
 """
 
 from __future__ import annotations
@@ -9,13 +11,24 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from insightedit.atomic_write import OutputNotWritten, atomic_write, explain
 from insightedit.redaction import redact, redact_value
 
-METRICS: tuple[str, ...] = ("clip", "psnr", "ssim", "lpips", "psnr_target", "ssim_target", "lpips_target")
+METRICS: tuple[str, ...] = (
+    "clip",
+    "psnr",
+    "ssim",
+    "lpips",
+    "psnr_target",
+    "ssim_target",
+    "lpips_target",
+    "psnr_in_mask",
+)
 VIESCORE_KEYS: tuple[str, ...] = ("viescore_O/10", "viescore_SC", "viescore_PQ")
 
 
@@ -31,7 +44,7 @@ def aggregate_rows(rows: Sequence[dict[str, object]]) -> dict[str, object]:
         if values or any(metric in row for row in rows):
             summary[metric] = _mean(values)
             summary[f"{metric}_n"] = len(values)
-    for capped in ("psnr_capped", "psnr_target_capped"):
+    for capped in ("psnr_capped", "psnr_target_capped", "psnr_in_mask_capped"):
         if any(capped in row for row in rows):
             summary[capped.replace("_capped", "_n_capped")] = sum(bool(row.get(capped)) for row in rows)
     if any("viescore_O" in row for row in rows):
@@ -57,48 +70,130 @@ def aggregate_groups(rows: Sequence[dict[str, object]]) -> dict[str, dict[str, o
     return groups
 
 
+SOURCE_SECTION = "vs source, outside mask"
+TARGET_SECTION = "vs target"
+EDIT_SECTION = "edited image alone"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: the summary key, its title (with ↑/↓: which way is better), digits and section."""
+
+    key: str
+    title: str
+    digits: int
+    section: str
+
+
+# the paper's metrics, grouped by what they compare; a table shows the columns some group has
+COLUMNS: tuple[Column, ...] = (
+    Column("psnr", "PSNR ↑", 2, SOURCE_SECTION),
+    Column("ssim", "SSIM ↑", 3, SOURCE_SECTION),
+    Column("lpips", "LPIPS ↓", 3, SOURCE_SECTION),
+    Column("psnr_in_mask", "in-mask PSNR ↑", 2, TARGET_SECTION),
+    Column("psnr_target", "PSNR ↑", 2, TARGET_SECTION),
+    Column("ssim_target", "SSIM ↑", 3, TARGET_SECTION),
+    Column("lpips_target", "LPIPS ↓", 3, TARGET_SECTION),
+    Column("clip", "CLIP ↑", 3, EDIT_SECTION),
+    Column("viescore_O/10", "VIE O/10 ↑", 3, EDIT_SECTION),
+    Column("viescore_SC", "SC ↑", 2, EDIT_SECTION),
+    Column("viescore_PQ", "PQ ↑", 2, EDIT_SECTION),
+)
+
+PARTLY_CAPPED_NOTE = (
+    "* some edits equal the reference in that region (PSNR ∞); the mean counts them as {cap:g} dB "
+    "(*_n_capped in the report)"
+)
+
+_ASCII = {"∞": "inf", "↑": "(+)", "↓": "(-)", "·": "."}
+
+
+def for_console(text: str, encoding: str | None = None) -> str:
+    """``text`` as is when the console's encoding (default: ``sys.stdout``'s) can show it, else ∞ → inf, ↑ → (+)."""
+    encoding = encoding or getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        for symbol, plain in _ASCII.items():
+            text = text.replace(symbol, plain)
+    return text
+
+
 def _cell(value: object, digits: int) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+        return "∞" if math.isinf(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def _metric_cell(summary: dict[str, object], column: Column) -> tuple[str, bool]:
+    """The cell of one group mean and whether it is a PSNR mean with some (not all) images capped."""
+    value = summary.get(column.key)
+    capped, counted = summary.get(f"{column.key}_n_capped"), summary.get(f"{column.key}_n")
+    if value is not None and isinstance(capped, int) and isinstance(counted, int) and capped > 0:
+        if capped == counted:
+            return "∞", False  # every image equal to its reference: the mean of infinities
+        return _cell(value, column.digits) + "*", True
+    return _cell(value, column.digits), False
+
+
+def format_grouped_table(
+    labels: Sequence[str], rows: Sequence[tuple[Sequence[str], dict[str, object]]], cap_db: float
+) -> list[str]:
+    """Table lines: a section header (what each group of columns compares), column titles, one line per row.
+
+    ``labels`` title the leading columns; each row is (its label cells, a group summary). Columns no
+    summary has are left out; a PSNR mean over images all equal to the reference prints ``∞``, a mean
+    with some capped gets ``*`` and a note below.
+    """
+    columns = [c for c in COLUMNS if any(c.key in summary for _, summary in rows)]
+    cells, partly_capped = [], False
+    for label, summary in rows:
+        line = list(label)
+        for column in columns:
+            cell, partly = _metric_cell(summary, column)
+            line.append(cell)
+            partly_capped |= partly
+        cells.append(line)
+    titles = [*labels, *(c.title for c in columns)]
+    widths = [max(len(line[i]) for line in [titles, *cells]) for i in range(len(titles))]
+    sections = [("", list(range(len(labels))))]
+    for column_index, column in enumerate(columns, start=len(labels)):
+        if sections[-1][0] != column.section:
+            sections.append((column.section, []))
+        sections[-1][1].append(column_index)
+    for name, indices in sections:  # widen a section's last column until its name fits above it
+        span = sum(widths[i] for i in indices) + 2 * (len(indices) - 1)
+        widths[indices[-1]] += max(0, len(name) - span)
+
+    def join(line: Sequence[str]) -> str:
+        parts = ["  ".join(line[i].ljust(widths[i]) for i in indices) for _, indices in sections]
+        return " | ".join(parts).rstrip()
+
+    spans = [sum(widths[i] for i in indices) + 2 * (len(indices) - 1) for _, indices in sections]
+    text = [" | ".join(name.ljust(span) for (name, _), span in zip(sections, spans, strict=True)).rstrip()]
+    text += [join(titles), *(join(line) for line in cells)]
+    if partly_capped:
+        text.append(PARTLY_CAPPED_NOTE.format(cap=cap_db))
+    return text
 
 
 def format_table(report: dict[str, object]) -> str:
     """A plain-text table: one row per group, the paper's columns, headed by what the numbers mean (secrets masked)."""
     groups: dict[str, dict[str, object]] = report["groups"]  # type: ignore[assignment]
-    columns = [
-        ("n", "n", 0),
-        ("viescore_O/10", "VIE O/10", 3),
-        ("viescore_SC", "SC", 2),
-        ("viescore_PQ", "PQ", 2),
-        ("clip", "CLIP", 3),
-        ("psnr", "PSNR", 3),
-        ("ssim", "SSIM", 3),
-        ("lpips", "LPIPS", 3),
-        ("psnr_target", "PSNR-tgt", 3),
-        ("ssim_target", "SSIM-tgt", 3),
-        ("lpips_target", "LPIPS-tgt", 3),
-    ]
-    present = [c for c in columns if any(c[0] in summary for summary in groups.values())]
-    header = ["group"] + [title for _, title, _ in present]
-    lines = [
-        [name] + [_cell(summary.get(key), digits) for key, _, digits in present] for name, summary in groups.items()
-    ]
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    rows = [([name, str(summary.get("n", 0))], summary) for name, summary in groups.items()]
     text = [
         f"protocol {report['protocol_name']} | {report['resolution']}x{report['resolution']} | "
         f"LPIPS: {report['lpips']} | CLIP: {report['clip_model']} | judge: {report['judge']}",
-        "  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)),
+        *format_grouped_table(["group", "n"], rows, float(report["psnr_cap_db"])),  # type: ignore[arg-type]
     ]
-    text += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in lines]
     counts = report["counts"]
     text.append(
         f"records {counts['records']}, scored {counts['scored']}, missing {counts['missing']}, "  # type: ignore[index]
         f"unexpected {counts['unexpected']}, skipped {counts['skipped']}"
     )  # type: ignore[index]
-    return redact("\n".join(text))
+    return for_console(redact("\n".join(text)))
 
 
 def _json_safe(value: object) -> object:

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from insightedit.errors import UserError
@@ -22,6 +23,7 @@ from insightedit.models.editor import Editor
 from insightedit.models.stages import StageSettings, resolve_stage
 from insightedit.models.zoo import build_editor, get_member
 from insightedit.systems.generation import log_skipped_samples
+from insightedit.systems.load_reports import loads_on_console
 from insightedit.systems.prediction import PredictionRun, PredictSettings, done_ids, merge_journals, summary_line
 from insightedit.training.safe_load import check_distributed_checkpoint, load_checkpoint
 from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
@@ -89,12 +91,13 @@ class EditorSystem(L.LightningModule):
         self.prediction = PredictSettings.from_config(prediction)
         self._predict_run: PredictionRun | None = None
         sections = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
-        self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)
+        with loads_on_console():  # "generation.pretrained: loaded N tensors from ..."
+            self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)
         self.strict_loading = False  # checkpoints hold only trained weights; on_load_checkpoint checks them
         self._carried: set[str] = set()
         self.apply_stage()
         if init_from:
-            self.load_trained_weights(init_from)
+            self.load_trained_weights(init_from, report=True)
 
     # --------------------------------------------------------------------------------------- stages
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
@@ -216,11 +219,13 @@ class EditorSystem(L.LightningModule):
         if missing:
             raise UserError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}")
 
-    def load_trained_weights(self, path: str | Path) -> list[str]:
+    def load_trained_weights(self, path: str | Path, report: bool = False) -> list[str]:
         """Start from a previous stage's checkpoint: load its weights, check every key; return the keys.
 
         ``path`` is a checkpoint file, or the folder an ``FSDP2Strategy`` with
-        ``save_distributed_checkpoint: true`` writes (read whole, in this process).
+        ``save_distributed_checkpoint: true`` writes (read whole, in this process). With ``report``, one
+        console line (rank 0) says how many tensors came from where, and which weights this stage trains
+        that the file lacks (they start from ``pretrained`` or from scratch).
         """
         path = Path(path)
         if not path.is_file() and not (path / ".metadata").is_file():
@@ -251,7 +256,21 @@ class EditorSystem(L.LightningModule):
             for name, value in state.items():
                 own[name].copy_(value)
         self._carried |= set(state)
+        if report:
+            rank_zero_info(f"init_from: loaded {len(state)} tensors from {path}{self._not_in(state)}")
         return sorted(state)
+
+    def _not_in(self, state: dict[str, Any]) -> str:
+        """``"; N weights this stage trains are not in it ...: group (n), ..."``, or ``""`` if it has them all."""
+        groups = self.parameter_groups()
+        absent = {group: sum(name not in state for name in names) for group, names in groups.items()
+                  if group in self.stage.train}
+        absent = {group: count for group, count in absent.items() if count}
+        if not absent:
+            return ""
+        listed = ", ".join(f"{group} ({count})" for group, count in absent.items())
+        count = sum(absent.values())
+        return f"; {count} weights this stage trains are not in it (they keep their pretrained or new values): {listed}"
 
     # ------------------------------------------------------------------------------------------ test
     def on_test_start(self) -> None:
@@ -306,7 +325,7 @@ class EditorSystem(L.LightningModule):
         if self.trainer.is_global_zero:
             json_path, csv_path = run.write(report, out_dir)
             print(run.table(report))
-            print(f"report: {json_path} and {csv_path}")
+            print(run.outputs(json_path, csv_path, list(self.loggers)))
 
     # --------------------------------------------------------------------------------------- predict
     def setup(self, stage: str) -> None:
