@@ -3,7 +3,9 @@
 LightningCLI's ``SaveConfigCallback`` writes ``config.yaml`` to ``trainer.log_dir`` (for W&B that is
 the logger's ``save_dir``). :class:`SaveResolvedConfig` also writes it to every ``ModelCheckpoint``
 directory, and logs it as hyperparameters under ``config`` (for W&B:
-``run.config["config"]``), so runs can be filtered and compared by any setting.
+``run.config["config"]``), so runs can be filtered and compared by any setting. Only ``fit`` writes
+``config.yaml``; ``test``, ``validate`` and ``predict`` write ``config-<stage>.yaml``, so evaluating a
+checkpoint in its run folder leaves the training run's config as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 class SaveResolvedConfig(SaveConfigCallback):
     """``SaveConfigCallback`` that also saves beside the checkpoints and logs the config to every logger."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Save once; ``test``/``validate``/``predict`` write ``config-<stage>.yaml``, never the training run's file."""
+        if stage != "fit":
+            self.config_filename = f"config-{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
 
     def resolved(self) -> dict[str, Any]:
         """The run's full config (every default filled in, interpolation resolved) as plain data."""
