@@ -21,6 +21,7 @@ from torch import nn
 
 from insightedit.errors import UserError
 from insightedit.models.bridging.qformer import full_attention_mask
+from insightedit.models.loads import report_loaded
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -146,4 +147,7 @@ def build_clip_image_encoder(
                 f"could not load CLIP weights {pretrained!r} for {model!r} (no network here? give a local "
                 f"checkpoint file): {error}"
             ) from error
+        if resolved is not None:
+            tower = f"CLIP {model}'s image tower"
+            report_loaded("bridging.clip_pretrained", len(clip.visual.state_dict()), resolved, tower)
     return ClipImageEncoder(clip.visual, normalize=normalize)

@@ -34,6 +34,7 @@ from insightedit.models.comprehension.model import ComprehensionModel
 from insightedit.models.comprehension.prompts import IMAGE_TOKEN
 from insightedit.models.comprehension.tiny_tokenizer import train_tiny_tokenizer
 from insightedit.models.generation.presets import cache_dir
+from insightedit.models.loads import report_loaded
 
 PRESETS = ("tiny", "full")
 QUANTIZATIONS = ("4bit", "8bit")
@@ -209,6 +210,7 @@ def build_llava(
         kwargs["quantization_config"] = quantization_config(quantization, torch_dtype or torch.float32)
         kwargs["device_map"] = {"": device or "cpu"}
     model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+    report_loaded("comprehension.pretrained", len(model.state_dict()), source, "LLaVA")
     if quantization is None and device is not None:
         model.to(device)  # type: ignore[arg-type]
     return LlavaBase(model, AutoTokenizer.from_pretrained(source))

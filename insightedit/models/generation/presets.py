@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from insightedit.models.generation.edit_unet import EDIT_UNET_CONFIG, EditUNet
 from insightedit.models.generation.latent_space import LatentSpace, PixelUnshuffleLatentSpace, VaeLatentSpace
+from insightedit.models.loads import report_loaded
 from insightedit.models.text_encoder import FrozenTextEncoder, tiny_clip_text_config, tiny_clip_tokenizer
 from insightedit.training.safe_load import load_checkpoint
 
@@ -128,13 +129,16 @@ def load_unet_from_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
             break
     if not weights:
         raise ValueError(f"generation.pretrained: {path} holds no UNet weights ({', '.join(UNET_PREFIXES)}*)")
-    weights = {k: v for k, v in weights.items() if ".processor." not in k}  # the image branch's to_k_ip/to_v_ip
+    image_branch = [k for k in weights if ".processor." in k]  # the image branch's to_k_ip/to_v_ip
+    weights = {k: v for k, v in weights.items() if ".processor." not in k}
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"generation.pretrained: {path} does not fit this UNet config "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
+    left_out = f"{len(image_branch)} image-branch tensors left out" if image_branch else ""
+    report_loaded("generation.pretrained", len(weights), path, f"the UNet; {left_out}" if left_out else "the UNet")
 
 
 def build_generation_components(
@@ -176,11 +180,14 @@ def build_generation_components(
             # a folder we wrote: the UNet comes with its image branch, whatever the arguments say
             edit_unet = EditUNet.from_pretrained(pretrained)
             scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+            count = len(edit_unet.state_dict())
+            report_loaded("generation.pretrained", count, pretrained, "the UNet and its image branch")
         else:
             from_checkpoint = pretrained is not None and Path(pretrained).suffix == ".ckpt"
             if pretrained is not None and not from_checkpoint:
                 unet = UNet2DConditionModel.from_pretrained(**_subfolder(pretrained, "unet"))
                 scheduler = DDPMScheduler.from_pretrained(**_subfolder(pretrained, "scheduler"))
+                report_loaded("generation.pretrained", len(unet.state_dict()), pretrained, "the UNet")
             else:
                 config = dict(FULL_UNET_CONFIG if preset == "full" else TINY_UNET_CONFIG)
                 config.update(unet_config or {})
