@@ -8,11 +8,11 @@ runs, so ``insightedit --help`` and ``insightedit --version`` answer without imp
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from insightedit import __version__
+from insightedit.console import quiet_library_noise
 from insightedit.errors import UserError
 
 LIGHTNING_COMMANDS: dict[str, str] = {
@@ -65,9 +65,7 @@ def _run_extra(name: str, argv: list[str]) -> int:
 
 def main(args: Sequence[str] | None = None) -> int:
     """Run the ``insightedit`` command with ``args`` (``sys.argv[1:]`` when ``None``); return the exit code."""
-    # bitsandbytes announces on import that an optional hub-downloaded CPU kernel is absent; we never
-    # want it fetched, and the notice would precede every one-line error
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_library_noise()  # library notices that do not apply here (insightedit/console.py), before any import
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -78,6 +76,9 @@ def main(args: Sequence[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in LIGHTNING_COMMANDS:
+            from insightedit.cli_precheck import precheck
+
+            precheck(argv[1:])  # common mistakes answered before Lightning and the models are imported
             from insightedit.lightning_cli import run_lightning_cli
 
             return run_lightning_cli(argv)

@@ -16,15 +16,22 @@ from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from insightedit.callbacks.progress import StepProgressBar, wants_default_progress_bar
+from insightedit.callbacks.summary import ModelSummaryTable
+from insightedit.console import quiet_fresh_checkpoint_folders
 from insightedit.errors import UserError
+from insightedit.hub_weights import check_model_config
+from insightedit.training.cli_parser import InsightEditArgumentParser
 from insightedit.training.composition import compose_config_args
 from insightedit.training.config_saving import SaveResolvedConfig
 from insightedit.training.run_folder import check_fresh_run_folders
 from insightedit.training.run_outputs import check_run_outputs, drop_logger_only_callbacks
 from insightedit.training.safe_load import check_distributed_checkpoint, checkpoint_error
+from insightedit.training.wandb_setup import prepare_wandb_loggers
 
 
 class InsightEditCLI(LightningCLI):
@@ -75,7 +82,11 @@ class InsightEditCLI(LightningCLI):
             raise checkpoint_error(resolved, error, "ckpt_path") from None
 
     def before_instantiate_classes(self) -> None:
-        """``fit``/``test``: refuse run folders that cannot be written, before the model and data are built."""
+        """``fit``/``test``: refuse run folders that cannot be written, before the model and data are built.
+
+        Every subcommand: hub weights the model names that are not here and cannot be downloaded are one line.
+        """
+        check_model_config(self.config[self.subcommand].get("model"))
         if self.subcommand in ("fit", "test"):
             check_run_outputs(self.config[self.subcommand].get("trainer"))
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # other ranks start after rank 0 wrote config.yaml
@@ -89,6 +100,23 @@ class InsightEditCLI(LightningCLI):
         dropped = drop_logger_only_callbacks(self.trainer) if self.subcommand else []
         if dropped:
             rank_zero_info(f"note: no logger (trainer.logger=false): {', '.join(dropped)} left out")
+        prepare_wandb_loggers(self.trainer.loggers)  # nothing for W&B to warn about (anonymous, git root)
+        checkpoint_folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        quiet_fresh_checkpoint_folders(checkpoint_folders)  # Lightning warns only where earlier checkpoints are
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer; :class:`StepProgressBar` and :class:`ModelSummaryTable` where Lightning would add its own."""
+        config = self._get(self.config_init, "trainer", default={})
+        added = []
+        if "callbacks" not in kwargs and wants_default_progress_bar(config):
+            added.append(StepProgressBar())
+        if "enable_model_summary" not in kwargs and config.get("enable_model_summary") is not False:
+            if not any(isinstance(c, ModelSummary) for c in _as_list(config.get("callbacks"))):
+                added.append(ModelSummaryTable())
+                kwargs["enable_model_summary"] = False  # Lightning's own stays out (it is ours now)
+        if added:
+            kwargs["callbacks"] = [*_as_list(config.get("callbacks")), *added]
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a config that cannot be built is one line, not a traceback."""
@@ -98,6 +126,11 @@ class InsightEditCLI(LightningCLI):
             if os.environ.get("INSIGHTEDIT_DEBUG"):
                 raise
             raise UserError(f"cannot build what the config describes: {_first_reason(error)}") from error
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A ``callbacks`` setting as a list (``None``, one callback or a list)."""
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _first_reason(error: Exception) -> str:
@@ -124,6 +157,7 @@ def run_lightning_cli(argv: list[str]) -> int:
             subclass_mode_model=True,
             subclass_mode_data=True,
             args=argv,
+            parser_class=InsightEditArgumentParser,  # no abbreviated options; errors in one line
             parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} resolved after the command line is merged
             save_config_callback=SaveResolvedConfig,
             save_config_kwargs={"overwrite": True},

@@ -1,6 +1,10 @@
 """Inference: ``EditPipeline`` (image + instruction → edited image, any member) and the exported model folder."""
 
-from insightedit.pipeline.pipeline import EditOutput, EditPipeline, InsightEditPipeline
-from insightedit.pipeline.settings import SCHEDULERS
+from insightedit.console import quiet_library_noise
+
+quiet_library_noise()  # before the libraries below are imported (bitsandbytes speaks on import)
+
+from insightedit.pipeline.pipeline import EditOutput, EditPipeline, InsightEditPipeline  # noqa: E402
+from insightedit.pipeline.settings import SCHEDULERS  # noqa: E402
 
 __all__ = ["SCHEDULERS", "EditOutput", "EditPipeline", "InsightEditPipeline"]

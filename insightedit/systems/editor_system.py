@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from insightedit.errors import UserError
@@ -158,6 +158,21 @@ class EditorSystem(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """The same losses on held-out pairs (CFG dropout off)."""
         self._log_losses("val", self.compute_losses(batch), batch["source"].shape[0])
+
+    def on_train_start(self) -> None:
+        """Warn if a module with trainable parameters is in eval mode (the frozen towers are, by design).
+
+        Lightning's own check counts every module in eval mode, the frozen VAE, text encoder and CLIP
+        tower included; :mod:`insightedit.console` silences it in favour of this one.
+        """
+        stuck = [
+            name or "(the system)"
+            for name, module in self.named_modules()
+            if not module.training and any(p.requires_grad for p in module.parameters(recurse=False))
+        ]
+        if stuck:
+            shown = ", ".join(stuck[:5]) + (f" and {len(stuck) - 5} more" if len(stuck) > 5 else "")
+            rank_zero_warn(f"{len(stuck)} module(s) with trainable parameters are in eval mode: {shown}")
 
     # ------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:
