@@ -130,6 +130,30 @@ def test_exported_member_edits_as_the_system_and_from_the_command_line(exported,
     assert np.array_equal(np.asarray(Image.open(out)), expected)
 
 
+def test_every_member_edits_the_same_in_every_memory_mode(exported):
+    """Each memory mode edits as ``full`` does, bit for bit (tolerance 0) on the CPU, switching back and forth.
+
+    On the CPU ``low`` moves nothing and ``sequential`` runs accelerate's hooks with ``cpu`` as the
+    execution device (the MLLM's parameters ``meta`` between forwards, each block's weights set from the CPU
+    state dict just before it runs), so any difference would be a part read outside its hooked forward (as
+    MGIE's visual-token rows once were). Members with an MLLM stream it; the others install no hooks.
+    """
+    member, system, folder = exported
+    pipeline = EditPipeline.from_pretrained(folder, device="cpu", dtype="float32")
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(seed=SEED, num_inference_steps=STEPS, output_type="pt")
+    full = pipeline(image, INSTRUCTION, **kwargs).images[0]
+    torch.testing.assert_close(full, reference_edit(system, image), atol=1e-5, rtol=0)
+    for mode in ("low", "sequential", "full"):
+        pipeline.set_memory_mode(mode)
+        streams = mode == "sequential" and pipeline.mllm is not None
+        assert pipeline.memory_mode == mode and (pipeline.offload is not None) == streams
+        if streams:
+            assert {p.device.type for p in pipeline.mllm.parameters()} == {"meta"}
+        edited = pipeline(image, INSTRUCTION, **kwargs).images[0]
+        assert torch.equal(edited, full), (member, mode, (edited - full).abs().max())
+
+
 def test_the_memory_modes_of_a_member_without_an_mllm(tmp_path_factory):
     """InstructPix2Pix has nothing to stream: sequential installs no hooks and edits as full; 4 bit is refused."""
     system, folder = export_member("instruct_pix2pix", tmp_path_factory)

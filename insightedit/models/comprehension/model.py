@@ -170,21 +170,33 @@ class ComprehensionModel(nn.Module):
 
         ``answers``: a text per row teacher-forced before the [MM] tokens; ``L_LLM`` is then the NLL of
         its tokens and the [MM] tokens (else of the [MM] tokens alone). ``return_mm_rows``: also give the
-        [MM] rows of the input embedding, copied in this forward (so that a caller may use them and
-        train them where the parameter itself is sharded outside the forward, as under FSDP).
+        [MM] rows of the input embedding, as the embedding's own forward gave them at the [MM] positions (so
+        that a caller may use them and train them where the parameter itself is not whole outside that
+        forward: sharded under FSDP, or a ``meta`` tensor under sequential offload, whose hooks bring the
+        weights only while the module runs).
         """
         if len(instructions) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(instructions)} instructions")
         batch = self.encode(list(instructions), pixel_values.device, None if answers is None else list(answers))
         model = self.base_model
         vision_dtype = model.model.vision_tower.get_input_embeddings().weight.dtype
-        out = model.model(
-            input_ids=batch.input_ids,
-            pixel_values=pixel_values.to(vision_dtype),  # (B, 3, H, W)
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            vision_feature_layer=self.vision_feature_layer,
+        embedded: list[torch.Tensor] = []  # the input embedding's output, when the [MM] rows are asked for
+        handle = (
+            self.input_rows.register_forward_hook(lambda module, args, output: embedded.append(output))
+            if return_mm_rows
+            else None
         )
+        try:
+            out = model.model(
+                input_ids=batch.input_ids,
+                pixel_values=pixel_values.to(vision_dtype),  # (B, 3, H, W)
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                vision_feature_layer=self.vision_feature_layer,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         hidden = out.last_hidden_state  # (B, L, d_llm), after the final norm
         size = (pixel_values.shape[0], self.num_mm_tokens, self.hidden_size)
         h = hidden[batch.mm_mask].view(size)  # (B, r, d_llm)
@@ -195,8 +207,8 @@ class ComprehensionModel(nn.Module):
             logits = self.output_rows(hidden[:, :-1][predicts])  # (N, V')
             loss = F.cross_entropy(logits.float(), batch.labels[:, 1:][predicts])
         rows = None
-        if return_mm_rows:
-            rows = self.input_rows.new_rows.unsqueeze(0).repeat(pixel_values.shape[0], 1, 1)  # (B, r, d_llm)
+        if return_mm_rows:  # the [MM] positions of what the embedding gave: its new rows, taken while they were live
+            rows = embedded[0][batch.mm_mask].view(size)  # (B, r, d_llm)
         return ComprehensionOutput(h=h, vision_features=patches, loss_llm=loss, mm_rows=rows)
 
     @torch.no_grad()
