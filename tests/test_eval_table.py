@@ -114,7 +114,7 @@ def test_grouped_table_sections_infinity_and_partly_capped_mark() -> None:
     assert sections.split(" | ")[1].strip() == SOURCE_SECTION and sections.split(" | ")[2].strip() == TARGET_SECTION
     bars = [i for i, ch in enumerate(sections) if ch == "|"]
     assert bars == [i for i, ch in enumerate(titles) if ch == "|"] == [i for i, ch in enumerate(model) if ch == "|"]
-    assert [t.strip() for t in titles.split(" | ")[1].split("  ") if t.strip()] == ["PSNR ↑", "SSIM ↑", "LPIPS ↓"]
+    assert [t.strip() for t in titles.split(" | ")[1].split("  ") if t.strip()] == ["PSNR ↑", "SSIM ↑"]
     assert titles.split(" | ")[2].split()[:3] == ["in-mask", "PSNR", "↑"]
     # every image capped: ∞, never "100.00"; partly capped: the capped mean, marked and explained
     assert identity.split(" | ")[1].split()[:2] == ["∞", "1.000"] and "100.00" not in identity
@@ -122,8 +122,9 @@ def test_grouped_table_sections_infinity_and_partly_capped_mark() -> None:
     assert identity.split(" | ")[2].split()[:3] == ["7.50", "20.00", "0.700"]
     assert model.split(" | ")[2].split()[0] == "9.50"
     assert note.startswith("* ") and "100 dB" in note
-    # a column no group has (CLIPScore, VIEScore) is left out, and so is a section without columns
-    assert "CLIP" not in titles and "edited image" not in sections
+    # a column no group has a value for (LPIPS not computed, CLIPScore, VIEScore) is left out, and so is a
+    # section without columns
+    assert "LPIPS" not in titles and "CLIP" not in titles and "edited image" not in sections
 
 
 def test_for_console_falls_back_to_ascii() -> None:

@@ -144,10 +144,10 @@ def format_grouped_table(
     """Table lines: a section header (what each group of columns compares), column titles, one line per row.
 
     ``labels`` title the leading columns; each row is (its label cells, a group summary). Columns no
-    summary has are left out; a PSNR mean over images all equal to the reference prints ``∞``, a mean
-    with some capped gets ``*`` and a note below.
+    summary has a value for (metrics not computed) are left out; a PSNR mean over images all equal to
+    the reference prints ``∞``, a mean with some capped gets ``*`` and a note below.
     """
-    columns = [c for c in COLUMNS if any(c.key in summary for _, summary in rows)]
+    columns = [c for c in COLUMNS if any(summary.get(c.key) is not None for _, summary in rows)]
     cells, partly_capped = [], False
     for label, summary in rows:
         line = list(label)
