@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from insightedit.errors import UserError
+from insightedit.hub_weights import LLAVA_FILE, require_hub_weights
 from insightedit.models.bridging.model import BridgingModel
 from insightedit.models.bridging.presets import BridgingSizes, build_bridging_from_sizes
 from insightedit.models.comprehension.model import ADAPTER_CONFIG_FILE, MM_ROWS_FILE, ComprehensionModel
@@ -111,6 +112,9 @@ def load_comprehension(
     """
     directory = root / entry["folder"]
     base = str(root / entry["base"]) if entry.get("base_included") else str(entry["base"])
+    if not entry.get("base_included"):
+        fix = "download it where there is network (hf download REPO) or export with --include-base; see checkpoints/"
+        require_hub_weights(f"the LLaVA base in {root / 'model_index.json'}", base, LLAVA_FILE, fix=fix)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, dtype)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insightedit.errors import UserError
+from insightedit.hub_weights import check_hub_weights, clip_hub_weights
 from insightedit.models.bridging.qformer import full_attention_mask
 from insightedit.models.loads import report_loaded
 
@@ -130,6 +131,9 @@ def build_clip_image_encoder(
             clip = open_clip.CLIP(**config)
     else:
         resolved = _resolve_pretrained(model, pretrained) if pretrained is not None else None
+        hub = clip_hub_weights("bridging.clip_pretrained", resolved, model) if resolved is not None else None
+        if hub is not None:
+            check_hub_weights([hub])  # one line naming the hub repo, not open_clip's retries
         try:
             with target:
                 clip = open_clip.create_model(

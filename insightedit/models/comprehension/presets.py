@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from insightedit.hub_weights import LLAVA_FILE, require_hub_weights
 from insightedit.models.comprehension.model import ComprehensionModel
 from insightedit.models.comprehension.prompts import IMAGE_TOKEN
 from insightedit.models.comprehension.tiny_tokenizer import train_tiny_tokenizer
@@ -205,6 +206,7 @@ def build_llava(
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(full_llava_config())
         return LlavaBase(model, None, FULL_TOKENIZER_LENGTH)
+    require_hub_weights("comprehension.pretrained", source, LLAVA_FILE)  # one line, not the hub's retries
     kwargs: dict[str, Any] = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, torch_dtype or torch.float32)

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from insightedit.hub_weights import DIFFUSERS_FILE, require_hub_weights
 from insightedit.models.generation.edit_unet import EDIT_UNET_CONFIG, EditUNet
 from insightedit.models.generation.latent_space import LatentSpace, PixelUnshuffleLatentSpace, VaeLatentSpace
 from insightedit.models.loads import report_loaded
@@ -185,6 +186,7 @@ def build_generation_components(
         else:
             from_checkpoint = pretrained is not None and Path(pretrained).suffix == ".ckpt"
             if pretrained is not None and not from_checkpoint:
+                require_hub_weights("generation.pretrained", pretrained, DIFFUSERS_FILE)  # one line, not retries
                 unet = UNet2DConditionModel.from_pretrained(**_subfolder(pretrained, "unet"))
                 scheduler = DDPMScheduler.from_pretrained(**_subfolder(pretrained, "scheduler"))
                 report_loaded("generation.pretrained", len(unet.state_dict()), pretrained, "the UNet")
