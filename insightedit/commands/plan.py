@@ -2,8 +2,11 @@
 
 Builds the configured system on the ``meta`` device (no memory, no download: named weights are not
 loaded, the preset's architecture is), then prints per part the total and trainable parameters of the
-configured stage and the estimated memory per device for the configured precision, strategy and device
-count (see :mod:`insightedit.planning.memory` for the method).
+configured stage, the estimated memory per device for the configured precision, strategy and device
+count with a verdict for named GPUs (:mod:`insightedit.planning.memory`,
+:mod:`insightedit.planning.hardware`), and the training FLOPs per sample by group with the GPU-hours they
+take (:mod:`insightedit.planning.flops`). Answers are cached by their inputs and the code
+(:mod:`insightedit.planning.cache`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 
 WEIGHT_KEYS = {
@@ -70,8 +77,42 @@ def _class(path: str) -> type:
         raise UserError(f"model.class_path {path!r} cannot be imported") from error
 
 
+class _OpenClipNoWeights(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" line: a plan never loads weights, on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    quiet = _OpenClipNoWeights()
+    logging.getLogger().addFilter(quiet)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def overlay_error(config_paths: list[str]) -> UserError:
+    """The error for configs that name no model class: an overlay given alone, or a config missing its model."""
+    overlays = [path for path in config_paths if not (load_config([path]).get("model") or {}).get("class_path")]
+    if config_paths and len(overlays) == len(config_paths):
+        given = " ".join(f"--config {path}" for path in config_paths)
+        return UserError(
+            f"{', '.join(overlays)} {'is an overlay' if len(overlays) == 1 else 'are overlays'} (no model.class_path): "
+            f"put {'it' if len(overlays) == 1 else 'them'} after a stage or member config, e.g. "
+            f"insightedit plan --config lightning_configs/stage3.yaml {given}, or use --member <name> {given}"
+        )
+    return UserError("the config has no model.class_path: start from lightning_configs/stage3.yaml or --member")
+
+
 def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], str | None]:
-    """The configured model on ``meta``; returns it, the weights the config names, and its quantization."""
+    """The configured model on ``meta``; returns it, the weights the config names, and its quantization.
+
+    An ``EditorSystem`` config is built as :class:`~insightedit.planning.build.PlannedSystem` (the same
+    editor and stage, without importing Lightning); any other class by its ``class_path``.
+    """
     import torch
 
     if "class_path" not in model_section:
@@ -88,15 +129,25 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
     for section in SECTIONS:  # the plan applies checkpointing itself (PlanSettings); count the plain forward
         (init_args.get(section) or {}).pop("gradient_checkpointing", None)
     init_args.pop("init_from", None)
-    model_class = _class(model_section["class_path"])
+    if model_section["class_path"] == SYSTEM:
+        from insightedit.planning.build import planned_system
+
+        def build() -> Any:
+            return planned_system(init_args)
+    else:
+        model_class = _class(model_section["class_path"])
+
+        def build() -> Any:
+            return model_class(**init_args)
+
     try:
-        if init_args.get("preset") == "tiny":  # small enough to build for real (its tokenizer needs real tensors)
-            return model_class(**init_args), named, quantization
-        with torch.device("meta"):
-            system = model_class(**init_args)
+        with _quiet_open_clip():
+            if init_args.get("preset") == "tiny":  # small enough to build for real (its tokenizer needs real tensors)
+                return build(), named, quantization
+            with torch.device("meta"):
+                return build(), named, quantization
     except (TypeError, ValueError) as error:
         raise UserError(f"model.init_args cannot build {model_section['class_path']}: {error}") from error
-    return system, named, quantization
 
 
 def _strategy_name(strategy: Any) -> str:
@@ -159,13 +210,46 @@ def member_config(member: str) -> dict[str, Any]:
 def planned_config(config_paths: list[str], member: str | None = None) -> dict[str, Any]:
     """The merged config to plan: ``--member``'s (if given) with the ``--config`` files over it."""
     config = _merge(member_config(member), load_config(config_paths)) if member else load_config(config_paths)
+    if not ((config.get("model") or {}).get("class_path")):
+        raise overlay_error(config_paths)
     return config
 
 
-def make_plan(config_paths: list[str], devices: int | None = None, member: str | None = None) -> dict[str, Any]:
-    """The plan as one JSON-ready dict: ``modules`` ({name: {params, trainable}}), memory, method."""
+def training_flops(system: Any, settings: Any, clip_size: int = 224, mllm_size: int | None = None) -> dict[str, Any]:
+    """FLOPs of one training sample by group (:mod:`insightedit.planning.flops`), the MLLM at its real length."""
+    from insightedit.planning.flops import checkpointed_blocks, count_training_flops, group_of_part
+    from insightedit.planning.inventory import part_of
+    from insightedit.planning.meta_forward import example_batch, shared_modules_by_parts
+
+    editor, stage = system.editor, system.stage
+    batch = example_batch(editor, 1, settings.resolution, clip_size, mllm_size)
+    blocks = checkpointed_blocks(settings.llm_checkpointing, settings.unet_checkpointing)
+    def group_of(name: str) -> str:
+        return group_of_part(part_of(f"{name}."))
+
+    with shared_modules_by_parts(editor, TEXT_TOKENS):
+        return count_training_flops(editor, lambda: editor.compute_losses(batch, stage)["loss"], group_of, blocks)
+
+
+def _schedule(trainer: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """Samples the config's own run trains: max_steps × batch × processes × accumulation."""
+    per_step = settings.batch_size * settings.world_size * int(trainer.get("accumulate_grad_batches", 1))
+    steps = int(trainer.get("max_steps", -1))
+    return {"max_steps": steps, "samples_per_step": per_step, "samples": steps * per_step if steps > 0 else None}
+
+
+def make_plan(
+    config_paths: list[str],
+    devices: int | None = None,
+    member: str | None = None,
+    mfu: float | None = None,
+    epochs: float = 1.0,
+) -> dict[str, Any]:
+    """The plan as one JSON-ready dict: modules, memory and GPU verdicts, FLOPs and GPU-hours, method."""
+    from insightedit.planning.hardware import DEFAULT_MFU
     from insightedit.planning.inventory import count_modules
     from insightedit.planning.memory import PlanSettings, plan_memory
+    from insightedit.planning.report import fits_on_gpus, time_on_gpus
 
     config = planned_config(config_paths, member)
     system, named, quantization = build_on_meta(config.get("model") or {})
@@ -196,10 +280,15 @@ def make_plan(config_paths: list[str], devices: int | None = None, member: str |
     counts = count_modules(system)
     sizes = {"clip_size": int(data.get("clip_size", 224)), "mllm_size": data.get("mllm_size")}
     memory = plan_memory(system, counts, settings, activation_parts(system, settings, **sizes))
+    flops = training_flops(system, settings, **sizes)
+    per_sample = sum(group.total for group in flops.values())
+    schedule = _schedule(trainer, settings)
     stage = getattr(system, "stage", None)
+    hparams = getattr(system, "hparams", {})
     return {
         "config": config_paths,
-        "member": init_args.get("member", getattr(system, "hparams", {}).get("member")),
+        "member": init_args.get("member", hparams.get("member")),
+        "stage_number": init_args.get("stage", hparams.get("stage")),
         "stage": stage.as_dict() if stage is not None else None,
         "modules": {name: count.as_dict() for name, count in counts.items()},
         "total": {
@@ -207,46 +296,37 @@ def make_plan(config_paths: list[str], devices: int | None = None, member: str |
             "trainable": sum(c.trainable for c in counts.values()),
         },
         "memory": memory.as_dict(),
+        "fits": fits_on_gpus(memory.total),
+        "flops_per_sample": {
+            "groups": {name: group.as_dict() for name, group in flops.items()},
+            "total": per_sample,
+            "resolution": settings.resolution,
+            "mllm_text_tokens": TEXT_TOKENS,
+        },
+        "gpu_hours": time_on_gpus(per_sample, epochs, schedule, settings.world_size, mfu or DEFAULT_MFU),
         "weights_named": named,
-        "method": (
-            "built on the meta device from the preset's architecture (named weights are not loaded); "
-            "activations: MLLM by Korthikanti et al. 2022 (34·s·h bytes per layer, 16-bit, fused attention; "
-            f"s = vision patches + {TEXT_TOKENS} text tokens + r); every other part by counting the tensors "
-            "autograd saves in the member's own training step, run on the meta device"
-        ),
+        "method": {
+            "build": "built on the meta device from the preset's architecture (named weights are not loaded)",
+            "activations": (
+                "MLLM by Korthikanti et al. 2022 (34·s·h bytes per layer, 16-bit, fused attention; "
+                f"s = vision patches + {TEXT_TOKENS} text tokens + r); every other part by counting the tensors "
+                "autograd saves in the member's own training step, run on the meta device"
+            ),
+            "flops": (
+                "one training sample's forward and backward of the member's own step on the meta device, "
+                "counted by torch.utils.flop_counter's formulas (2 per multiply-add; matrix products, "
+                "convolutions, attention); the MLLM runs its own layers at "
+                f"s = vision patches + {TEXT_TOKENS} text tokens + r; frozen layers compute input gradients "
+                "only where something before them trains, no weight gradients; gradient checkpointing adds "
+                "one more forward of each checkpointed block the backward runs through (recompute)"
+            ),
+        },
     }
-
-
-def format_plan(plan: dict[str, Any]) -> str:
-    """A human-readable table of the plan."""
-    lines = []
-    stage = plan["stage"]
-    if stage:
-        member = f"{plan['member']} " if plan.get("member") else ""
-        lines.append(f"{member}stage {stage['name']}: trains {', '.join(stage['train'])}")
-    lines.append(f"{'part':<20} {'params':>15} {'trainable':>15}")
-    for name, count in plan["modules"].items():
-        lines.append(f"{name:<20} {count['params']:>15,} {count['trainable']:>15,}")
-    lines.append(f"{'total':<20} {plan['total']['params']:>15,} {plan['total']['trainable']:>15,}")
-    memory = plan["memory"]
-    s = memory["settings"]
-    lines += [
-        "",
-        f"memory per device: {s['strategy']} x {s['world_size']}, {s['precision']}, batch {s['batch_size']} "
-        f"per device at {s['resolution']}px" + (f", LLM {s['quantization']}" if s["quantization"] else ""),
-    ]
-    for kind, gib in memory["gib_per_device"].items():
-        lines.append(f"  {kind:<30} {gib:>8.2f} GiB")
-    for part, gib in memory["activation_parts_gib"].items():
-        lines.append(f"    {'activations/' + part:<28} {gib:>8.3f} GiB")
-    lines += [f"note: {note}" for note in memory["notes"]]
-    lines.append(f"method: {plan['method']}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     """Entry point of ``insightedit plan``."""
-    parser = argparse.ArgumentParser(prog="insightedit plan", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="insightedit plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="yaml config (repeat to compose)")
     parser.add_argument(
         "--member",
@@ -258,17 +338,48 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--edit", action="store_true", help="plan the memory of one edit instead of training")
     parser.add_argument("--resolution", type=int, default=512, help="edit resolution for --edit (default 512)")
+    parser.add_argument(
+        "--mfu", type=float, default=None, help="model FLOP utilisation assumed for GPU-hours (default 0.4)"
+    )
+    parser.add_argument(
+        "--epochs", type=float, default=1.0, help="epochs over the paper's 202,822 pairs for GPU-hours (default 1)"
+    )
+    parser.add_argument("--no-cache", action="store_true", help="recompute even if a cached answer exists")
     args = parser.parse_args(argv)
     if not args.config and not args.member:
         raise UserError("plan needs --config <yaml> or --member <name>")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {args.epochs}")
+    from insightedit.planning.cache import PlanCache
+
+    config = load_config(args.config)  # the member's own config is the code's: the cache key holds its name
+    if not args.member and not (config.get("model") or {}).get("class_path"):
+        raise overlay_error(args.config)
+    key = {"config": config, "member": args.member, "devices": args.devices, "edit": args.edit}
+    key |= {"resolution": args.resolution} if args.edit else {"mfu": args.mfu, "epochs": args.epochs}
+    cache = PlanCache(key, enabled=not args.no_cache)
+    answer = cache.load()
+    if answer is None:
+        answer = _compute(args)
+        cache.save(answer)
+    if args.json:
+        print(json.dumps(answer["data"], indent=2))
+    else:
+        print(answer["text"])
+    return 0
+
+
+def _compute(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan's data and text for the parsed arguments."""
     if args.edit:
         from insightedit.planning.edit_memory import format_edit_plan, plan_edit_memory
 
         system, _, _ = build_on_meta(planned_config(args.config, args.member).get("model") or {})
         rows = plan_edit_memory(system, args.resolution)
-        as_json = json.dumps([row.as_dict() for row in rows], indent=2)
-        print(as_json if args.json else format_edit_plan(rows, args.resolution))
-        return 0
-    plan = make_plan(args.config, args.devices, args.member)
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
-    return 0
+        return {"data": [row.as_dict() for row in rows], "text": format_edit_plan(rows, args.resolution)}
+    from insightedit.planning.report import format_plan
+
+    plan = make_plan(args.config, args.devices, args.member, args.mfu, args.epochs)
+    return {"data": plan, "text": format_plan(plan)}
