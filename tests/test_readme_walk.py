@@ -7,8 +7,9 @@ recorded instead of run. Then:
 * every step reads what the step before it made: each chained stage starts from the previous stage's
   ``last.ckpt`` and the stand-in's UNet, every ``fit`` writes a folder of its own, ``test`` and
   ``export`` read the chained stage 3, ``edit`` reads the exported folder (no run, fast);
-* the main job run twice into its folder: the second run is refused in one line, ``--overwrite``
-  starts over without a ``last-v1.ckpt`` (two tiny in-process fits);
+* the main job into a folder that holds a run: refused in one line before anything is built;
+  ``--overwrite`` starts over without a ``last-v1.ckpt`` (one tiny in-process fit); and
+  ``--trainer.default_root_dir`` moves the checkpoints and the W&B run (the parsed config);
 * the whole walk, run in process with tiny step counts (slow): each step's files are where the next
   step looks for them, each ``config.yaml`` records the folder really used, the console says what
   ``init_from`` and ``generation.pretrained`` loaded, and the main job's folder is left as it was.
@@ -26,9 +27,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from insightedit.cli import main
+from insightedit.lightning_cli import InsightEditCLI
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Set up, run, test"
@@ -201,29 +204,41 @@ def assert_fit_made(folder: Path) -> None:
     assert [os.path.normpath(d) for d in dirpaths] == [str(folder.relative_to(Path.cwd()))]
 
 
-def test_the_main_job_twice_is_refused_and_overwrite_starts_over(tmp_path, monkeypatch, capsys):
+def test_the_main_job_into_a_folder_holding_a_run_is_refused_and_overwrite_starts_over(tmp_path, monkeypatch,
+                                                                                       capsys):
     enter_checkout_like(tmp_path, monkeypatch)
-    steps = walk(readme_commands())
-    data_root = steps["data_root"][0]
+    data_root = walk(readme_commands())["data_root"][0]
     folder = tmp_path / run_folder(MAIN_JOB)
-    code, err = run(MAIN_JOB, data_root, capsys)
-    assert code == 0, err[-3000:]
-    assert_fit_made(folder)
-    first = digest(folder / "last.ckpt")
-    code, err = run(MAIN_JOB, data_root, capsys)
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"the previous run's weights")
+    (folder / "config.yaml").write_text("the previous run's config")
+    with monkeypatch.context() as patch:
+        patch.setattr(InsightEditCLI, "instantiate_classes", lambda self: pytest.fail("the model was built"))
+        code, err = run(MAIN_JOB, data_root, capsys)
     assert code == 2
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert lines == [
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
         f"error: {run_folder(MAIN_JOB)} already holds a run (config.yaml, last.ckpt): resume it with --ckpt_path "
         "last, start over with --overwrite (deletes its checkpoints and config.yaml), or train in another folder "
         "with --trainer.default_root_dir=DIR"
     ]
-    assert digest(folder / "last.ckpt") == first
-    code, err = run([*MAIN_JOB, "--overwrite", "--seed_everything=1"], data_root, capsys)
+    assert (folder / "last.ckpt").read_bytes() == b"the previous run's weights"
+    assert (folder / "config.yaml").read_text() == "the previous run's config"
+    code, err = run([*MAIN_JOB, "--overwrite", "--trainer.logger=false"], data_root, capsys)  # no W&B: faster
     assert code == 0, err[-3000:]
-    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt"]
-    assert digest(folder / "last.ckpt") != first  # the new run's weights (another seed), not the old file
-    assert yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"] == 1
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt"]  # no last-v1.ckpt
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 1
+    assert yaml.safe_load((folder / "config.yaml").read_text())["overwrite"] is True
+
+
+def test_default_root_dir_moves_checkpoints_and_the_wandb_run_and_config_records_it(tmp_path, monkeypatch, capsys):
+    enter_checkout_like(tmp_path, monkeypatch)
+    assert main([*MAIN_JOB[1:], "--trainer.default_root_dir=elsewhere/run", "--print_config"]) == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["default_root_dir"] == "elsewhere/run"
+    assert trainer["logger"]["init_args"]["save_dir"] == "elsewhere/run"
+    assert [c["init_args"]["dirpath"] for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")] == [
+        "elsewhere/run"
+    ]
 
 
 @pytest.mark.slow
