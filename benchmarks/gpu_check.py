@@ -548,6 +548,7 @@ class Check:
         self.plan_process: subprocess.Popen | None = None
         self.trained: Any = None  # the stage-3 system after train_1gpu: exported for the edits
         self.export_dir: Path | None = None
+        self.export_error: str | None = None
         self.sharded_ranks = args.sharded_ranks if args.sharded_ranks is not None else torch.cuda.device_count()
 
     # ---------------------------------------------------------------------------- configs and plans
@@ -577,6 +578,7 @@ class Check:
         spec_path = self.workdir / "plan_spec.json"
         spec_path.write_text(json.dumps(spec))
         command = [sys.executable, str(Path(__file__).resolve()), "--plans-worker", str(spec_path)]
+        command += ["--threads", str(self.args.threads)] if self.args.threads else []
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the plan needs no GPU
         self.plan_log = open(self.workdir / "plans.log", "w")  # noqa: SIM115 - closed in collect_plans
         self.plan_process = subprocess.Popen(command, env=env, stdout=self.plan_log, stderr=subprocess.STDOUT)
@@ -605,8 +607,10 @@ class Check:
         """Run one part under the budget; record its numbers, its skip reason or its error line."""
         need = self.profile.needs.get(name, 0.0)
         left = self.budget.left()
-        if left < need:
-            entry: dict[str, Any] = {"skipped": f"time budget: {left:.0f} s left, the part needs about {need:.0f} s"}
+        if name not in self.args.parts:
+            entry: dict[str, Any] = {"skipped": "not selected (--parts)"}
+        elif left < need:
+            entry = {"skipped": f"time budget: {left:.0f} s left, the part needs about {need:.0f} s"}
         else:
             start = time.perf_counter()
             try:
@@ -662,6 +666,7 @@ class Check:
         out = self.workdir / "sharded.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--sharded-worker", str(config_path), str(out)]
         command += ["--profile", self.profile.name, "--steps", str(self.profile.timed_steps)]
+        command += ["--threads", str(self.args.threads)] if self.args.threads else []
         timeout = max(self.budget.left() - 5, 1)
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         if completed.returncode != 0 or not out.is_file():
@@ -678,6 +683,15 @@ class Check:
         """The stage-3 model as an ``EditPipeline`` folder (the trained one if train_1gpu ran; base referenced)."""
         if self.export_dir is not None:
             return self.export_dir
+        if self.export_error is not None:  # tried once for the first edit part; the others say why they cannot run
+            raise RuntimeError(f"no exported model ({self.export_error})")
+        try:
+            return self._export()
+        except Exception as error:
+            self.export_error = error_line(error)
+            raise
+
+    def _export(self) -> Path:
         from insightedit.pipeline.pipeline import EditPipeline
 
         system = self.trained
@@ -685,10 +699,12 @@ class Check:
             config = yaml.safe_load((self.workdir / "edit.yaml").read_text())
             system = build_system(config)
         directory = self.workdir / "export"
-        base = None if self.profile.tiny else str(self.folders["llava"])  # a tiny model always includes its base
-        EditPipeline.from_system(system, resolution=self.profile.resolution).save_pretrained(directory, base=base)
+        # the base is referenced, not copied: it is the random folder itself (LoRA and [MM] rows are saved apart),
+        # and a 4-bit base could not be written back in 16 bit
+        pipeline = EditPipeline.from_system(system, resolution=self.profile.resolution)
+        pipeline.save_pretrained(directory, base=str(self.folders["llava"]))
         self.trained = None
-        del system
+        del system, pipeline
         free_memory(self.profile.device)
         self.export_dir = directory
         return directory
@@ -869,9 +885,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sharded-ranks", type=int, default=None, help="processes for train_sharded (default: GPU count)"
     )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=list(PARTS),
+        help=f"comma-separated parts to run (default all: {','.join(PARTS)}); the others are recorded as skipped",
+    )
     parser.add_argument("--workdir", default=None, help="where the folders go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (folders, export, configs)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 with --tiny)")
     parser.add_argument("--verbose", action="store_true", help="print each failing part's traceback")
     parser.add_argument("--plans-worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sharded-worker", nargs=2, type=Path, default=None, help=argparse.SUPPRESS)
@@ -879,11 +901,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
+    if args.threads is None and (args.tiny or args.profile == "tiny"):
+        args.threads = 1  # a tiny model gains nothing from more threads, and shared CPUs lose much to them
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.plans_worker is not None:
         plans_worker(args.plans_worker)
         return
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if any(part != "folders" for part in args.parts) and "folders" not in args.parts:
+        args.parts.insert(0, "folders")  # every other part reads the folders
     tiny = args.tiny or args.profile == "tiny"
     if args.device is not None and (args.device == "cpu") != tiny:
         parser.error("the full-size check runs on cuda only, the tiny one on cpu only")
