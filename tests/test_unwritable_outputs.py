@@ -429,11 +429,16 @@ def test_fit_refuses_run_folders_that_cannot_be_written_before_building_anything
         f"error: cannot write the run's files (trainer.default_root_dir) in {blocker / 'run'}: "
         f"{blocker} is a file, not a folder"
     )
-    monkeypatch.chdir(tmp_path)  # the tiny config's checkpoints go to checkpoints/tiny/stage3 under here
+    monkeypatch.chdir(tmp_path)  # the overlay's checkpoints go to checkpoints/tiny/stage3 under here
     only_writable_when(monkeypatch, tmp_path)
     root = tmp_path / "writable"
     root.mkdir()
-    assert main(["fit", "--config", tiny3, f"--trainer.default_root_dir={root}"]) == 2
+    overlay = root / "checkpoints_elsewhere.yaml"  # a dirpath of its own (not ${trainer.default_root_dir})
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {dirpath: checkpoints/tiny/stage3}\n"
+    )
+    assert main(["fit", "--config", tiny3, "--config", str(overlay), f"--trainer.default_root_dir={root}"]) == 2
     assert error_line(capsys) == (
         "error: cannot write the run's files (ModelCheckpoint.dirpath) in checkpoints/tiny/stage3: "
         f"folder {tmp_path} is not writable"
