@@ -217,7 +217,8 @@ def test_tiny_instruct_pix2pix_fits_and_its_unet_starts_the_other_tiny_members(t
         assert torch.equal(loaded[name], weight), name
 
 
-def test_a_config_that_cannot_be_built_is_one_line(tmp_path, capsys):
+def test_a_config_that_cannot_be_built_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not beside a run of the main job (that would be refused first)
     code = main(["fit", "--config", str(CONFIGS / "tiny" / "stage3.yaml"),
                  f"--model.init_args.init_from={tmp_path / 'missing.ckpt'}"])
     assert code == 2
