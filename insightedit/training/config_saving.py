@@ -24,8 +24,9 @@ class SaveResolvedConfig(SaveConfigCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Save once; ``test``/``validate``/``predict`` write ``config-<stage>.yaml``, never the training run's file."""
-        if stage != "fit":
-            self.config_filename = f"config-{stage}.yaml"
+        name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn ("fit", "test", ...)
+        if name != "fit":
+            self.config_filename = f"config-{name}.yaml"
         super().setup(trainer, pl_module, stage)
 
     def resolved(self) -> dict[str, Any]:
