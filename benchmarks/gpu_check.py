@@ -741,14 +741,7 @@ class Check:
             "phases_seconds": {k: round(v, 3) for k, v in output.timings.items()},
             "output_finite": bool(torch.isfinite(edited).all()),
             **meter.result,
-            **edit_estimate(self.plans_now(), memory_mode, quantization, self.profile.dtype),
         }
-
-    def plans_now(self) -> dict[str, Any]:
-        """The plans if the side process has finished (the edit parts read their row); else wait at the end."""
-        if not self.plans and self.plan_process is not None and self.plan_process.poll() is not None:
-            self.collect_plans()
-        return self.plans
 
     # ------------------------------------------------------------------------------------- whole
     def run(self) -> dict[str, Any]:
@@ -783,9 +776,9 @@ class Check:
                 continue
             entry["plan_gib_per_device"] = plan["memory"]["gib_per_device"]
             entry["plan_total_gib"] = plan["memory"]["gib_per_device"]["total"]
-        for name in EDIT_MODES:  # plans that arrived after the edit ran
+        for name in EDIT_MODES:  # the plan's row for each edit that ran
             entry = self.results["parts"].get(name, {})
-            if "seconds_per_edit" in entry and entry.get("plan_peak_gib") is None and "8bit" not in str(entry):
+            if "seconds_per_edit" in entry:
                 entry.update(edit_estimate(self.plans, entry["memory_mode"], entry["quantization"], self.profile.dtype))
         for entry in self.results["parts"].values():
             measured, planned = entry.get("max_allocated_gib"), entry.get("plan_total_gib", entry.get("plan_peak_gib"))
