@@ -79,7 +79,8 @@ def test_tiny_rehearsal_measures_every_part(tmp_path):
         assert edit["output_finite"] is True, name
         assert edit["resolution"] == 64
     assert (parts["edit_4bit"]["quantization"], parts["edit_8bit"]["quantization"]) == ("4bit", "8bit")
-    assert [parts[n]["memory_mode"] for n in ("edit_full", "edit_low", "edit_sequential")] == ["full", "low", "sequential"]
+    modes = [parts[name]["memory_mode"] for name in ("edit_full", "edit_low", "edit_sequential")]
+    assert modes == ["full", "low", "sequential"]
     for name in ("edit_full", "edit_low", "edit_sequential", "edit_4bit"):  # plan --edit has these rows
         assert finite_positive(parts[name]["plan_peak_gib"]), name
     assert parts["edit_8bit"]["plan_peak_gib"] is None and "8-bit" in parts["edit_8bit"]["plan_note"]
