@@ -86,22 +86,21 @@ class _DropPrefixes(logging.Filter):
         return not str(record.msg).startswith(self.prefixes)
 
 
-_installed = False
-
-
 def quiet_library_noise() -> None:
-    """Install the filters of :data:`KNOWN_WARNINGS` and :data:`KNOWN_LOG_RECORDS` (once per process)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
+    """Install the filters of :data:`KNOWN_WARNINGS` and :data:`KNOWN_LOG_RECORDS`; calling again is harmless.
+
+    The warning filters go to the front of :data:`warnings.filters` each call (Python keeps one copy),
+    so a ``warnings.catch_warnings`` block that reset them gets them back.
+    """
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.message, category=known.category, module=known.module)
     by_logger: dict[str, list[str]] = {}
     for record in KNOWN_LOG_RECORDS:
         by_logger.setdefault(record.logger, []).append(record.prefix)
     for name, prefixes in by_logger.items():
-        logging.getLogger(name).addFilter(_DropPrefixes(prefixes))
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _DropPrefixes) for existing in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))
 
 
 def quiet_fresh_checkpoint_folders(folders: Iterable[str | Path]) -> None:
