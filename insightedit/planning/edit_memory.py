@@ -304,19 +304,23 @@ def plan_edit_memory(system: Any, resolution: int = 512) -> list[EditMemory]:
     return rows
 
 
-def format_edit_plan(rows: list[EditMemory], resolution: int) -> str:
-    """A table of the edit-memory plan."""
+def format_edit_plan(rows: list[EditMemory], resolution: int, width: int = 100) -> str:
+    """A table of the edit-memory plan; fp16 and bf16 (same bytes) share one row, the method wrapped to ``width``."""
+    import textwrap
+
+    shown = {(r.four_bit, r.memory_mode): r for r in rows}  # fp16 and bf16 rows are equal: 2 bytes a value either way
     lines = [
         f"edit memory at {resolution}x{resolution}, batch 1, GiB on the accelerator "
         f"(MLLM: its weights there at once; moved: GB copied per edit, ≈s at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s)",
-        f"{'dtype':<9} {'4-bit MLLM':<10} {'memory':<10} {'MLLM':>6} {'bridge':>6} {'UNet':>6} {'VAE':>6} "
+        "fp16 and bf16 take the same bytes (2 per value), so one row stands for both",
+        f"{'4-bit MLLM':<10} {'memory':<10} {'MLLM':>6} {'bridge':>6} {'UNet':>6} {'VAE':>6} "
         f"{'act max':>7} {'peak':>6} {'fits 8 GB':>9} {'moved':>6} {'≈s':>5}",
     ]
-    for row in rows:
+    for row in shown.values():
         d = row.as_dict()
         w, a = d["weights_gib"], d["activations_gib"]
         lines.append(
-            f"{row.dtype:<9} {'yes' if row.four_bit else 'no':<10} {row.memory_mode:<10} "
+            f"{'yes' if row.four_bit else 'no':<10} {row.memory_mode:<10} "
             f"{d['mllm_on_accelerator_gib']:>6.2f} {w['bridge']:>6.2f} {w['unet']:>6.2f} {w['vae']:>6.2f} "
             f"{max(a.values()):>7.2f} {d['peak_gib']:>6.2f} {'yes' if d['fits_8_gb'] else 'no':>9} "
             f"{d['moved_gb_per_edit']:>6.1f} {d['transfer_s_estimate']:>5.2f}"
@@ -330,5 +334,11 @@ def format_edit_plan(rows: list[EditMemory], resolution: int) -> str:
             f"{first.largest_block / GIB:.3f} GiB ({first.largest_block:,} bytes), "
             f"{first.streamed / 1e9:.1f} GB streamed per edit"
         )
-    lines.append("method: " + " ".join(line.strip() for line in (__doc__ or "").split("Method")[1].splitlines()[1:]))
+    lines.append("method:")
+    method = (__doc__ or "").split("Method (printed with every plan):")[1]
+    method, _, left_out = method.partition("Not included:")
+    for item in method.strip().split("\n- ") + [f"not included: {left_out.strip()}"]:
+        text = " ".join(line.strip() for line in item.splitlines()).removeprefix("- ").replace("``", "")
+        text = text.replace(":data:`", "").replace(":meth:`", "").replace("`", "")
+        lines += textwrap.wrap(text, width=width, initial_indent="  - ", subsequent_indent="    ")
     return "\n".join(lines)
