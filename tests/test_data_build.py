@@ -273,7 +273,7 @@ def test_a_corrupt_image_is_recorded_and_can_be_retried_alone(photos, tmp_path, 
         ),
         (lambda tmp: ["--config", _write(tmp, "steps:\n  caption: {backend: openai}\n")], "needs base_url and model"),
         (lambda tmp: ["--steps", "2-7"], "steps are numbered 1 to 5"),
-        (lambda tmp: ["--trainer"], "unrecognized arguments"),
+        (lambda tmp: ["--trainer"], "unknown option --trainer"),
     ],
 )
 def test_bad_inputs_are_one_line_and_exit_2(make, expected, photos, tmp_path, capsys):

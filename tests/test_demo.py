@@ -81,5 +81,6 @@ def test_upload_edit_and_read_back_the_image(demo_url, tmp_path):
         finally:
             browser.close()
     edited = Image.open(io.BytesIO(data))
+    assert edited.format == "PNG"  # lossless, not Gradio's default WebP
     assert edited.size == (50, 30)  # the edit comes back at the uploaded image's size
     assert not np.array_equal(np.asarray(edited.convert("RGB")), np.asarray(Image.open(source)))

@@ -132,7 +132,7 @@ def test_edit_command_memory_flags(tmp_path, capsys):
     assert parser.parse_args(required).memory == "full"
     assert parser.parse_args([*required, "--low-memory"]).memory == "low"
     assert parser.parse_args([*required, "--memory", "sequential"]).memory == "sequential"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="not allowed with argument"):  # one line, not usage + exit
         parser.parse_args([*required, "--memory", "sequential", "--low-memory"])
     capsys.readouterr()
     args = ["edit", "--model", str(tmp_path), "--image", str(tmp_path / "a.png"), "--instruction", "x",

@@ -7,22 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
+from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one :class:`UserError` line instead of usage + exit."""
-
-    def error(self, message: str) -> NoReturn:
-        """Raise instead of printing usage."""
-        raise UserError(f"{self.prog}: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="insightedit data", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = CommandParser(prog="insightedit data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     synth = commands.add_parser("synth", help="render a synthetic AdvancedEdit dataset")
     synth.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty)")

@@ -6,11 +6,11 @@ optional ``demo`` extra (``pip install 'insightedit[demo]'``).
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
 from insightedit.commands.edit import add_model_arguments, check_model_arguments
+from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
 
@@ -83,14 +83,16 @@ def build_demo(pipeline: Any, default_steps: int = 20) -> Any:
                 seed = gr.Slider(0, 2**31 - 1, value=0, step=1, label="Seed", elem_id="seed")
                 button = gr.Button("Edit", variant="primary", elem_id="edit-button")
             with gr.Column():
-                result = gr.Image(type="pil", label="Edited", elem_id="result", interactive=False)
+                result = gr.Image(  # PNG, lossless (Gradio's default would be WebP)
+                    type="pil", format="png", label="Edited", elem_id="result", interactive=False
+                )
         button.click(edit, inputs=[source, instruction, scale, text, image_g, steps, seed], outputs=result)
     return demo
 
 
 def main(argv: list[str]) -> int:
     """Entry point of ``insightedit demo``."""
-    parser = argparse.ArgumentParser(prog="insightedit demo", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="insightedit demo", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from PIL import Image
 
 from insightedit.atomic_write import OutputNotWritten, atomic_write, check_writable_file, explain
+from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
 
@@ -57,24 +59,59 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``insightedit edit``."""
-    parser = argparse.ArgumentParser(prog="insightedit edit", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="insightedit edit", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--image", required=True, type=Path, help="the image to edit")
     parser.add_argument("--instruction", required=True, help="what to change, in words")
     parser.add_argument("--out", required=True, type=Path, help="where to write the edited image (.png, .jpg...)")
     parser.add_argument(
-        "--lambda", dest="image_scale", type=float, default=None, help="λ, image-branch weight (members with one)"
-    )
-    parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T (default 7.5)")
-    parser.add_argument("--image-guidance", type=float, default=1.5, help="s_I (default 1.5)")
+        "--lambda", dest="image_scale", type=float, default=None, metavar="LAMBDA",
+        help="λ, the image branch's weight (members with one; default: the model folder's own, 1.0 in the shipped "
+        "configs)",
+    )  # fmt: skip
+    parser.add_argument("--text-guidance", type=float, default=7.5, help="text guidance scale s_T (default 7.5)")
+    parser.add_argument("--image-guidance", type=float, default=1.5, help="image guidance scale s_I (default 1.5)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampler (default ddim)")
-    parser.add_argument("--resolution", type=int, default=None, help="working size ≈ N² pixels (model default)")
     parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (decompression bombs)"
+        "--resolution", type=int, default=None, metavar="N", help="working size ≈ N² pixels (default: the model's)"
     )
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"refuse larger images, against decompression bombs (default {DEFAULT_MAX_PIXELS:,})",
+    )  # fmt: skip
     return parser
+
+
+class StatusLine:
+    """What ``edit`` is doing, as one line on ``stream`` rewritten in place, when ``stream`` is a terminal.
+
+    Nothing is written otherwise (logs and captured output get only the final ``wrote ...`` line); the
+    line is erased when the block ends, so an error or the result prints on a clean line.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live = bool(getattr(stream, "isatty", lambda: False)())
+
+    def show(self, text: str) -> None:
+        """Replace the line with ``text``."""
+        if self.live:
+            self.stream.write(f"\r\033[K{text}")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the line."""
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def __enter__(self) -> StatusLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
 
 
 def check_output(path: Path) -> str:
@@ -112,29 +149,34 @@ def main(argv: list[str]) -> int:
     check_model_arguments(args)
     out_format = check_output(args.out)
     source = read_image(args.image, max_pixels=args.max_pixels)
+    with StatusLine(sys.stderr) as status:
+        status.show(f"loading {args.model} ...")
+        from insightedit.pipeline import EditPipeline
 
-    from insightedit.pipeline import EditPipeline
-
-    pipeline = EditPipeline.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        quantization="4bit" if args.four_bit else None,
-        memory_mode=args.memory,
-    )
-    if args.image_scale is not None and not pipeline.has_image_branch:
-        print(f"note: member {pipeline.member} has no image branch; --lambda changes nothing", file=sys.stderr)
-    result = pipeline(
-        source,
-        args.instruction,
-        image_scale=args.image_scale,
-        text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance,
-        num_inference_steps=args.steps,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        resolution=args.resolution,
-    )
+        pipeline = EditPipeline.from_pretrained(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            quantization="4bit" if args.four_bit else None,
+            memory_mode=args.memory,
+        )
+        if args.image_scale is not None and not pipeline.has_image_branch:
+            status.clear()
+            print(f"note: member {pipeline.member} has no image branch; --lambda changes nothing", file=sys.stderr)
+        status.show(
+            f"editing {args.image.name}: {args.steps} denoising steps ({args.scheduler}) on {pipeline.device} ..."
+        )
+        result = pipeline(
+            source,
+            args.instruction,
+            image_scale=args.image_scale,
+            text_guidance=args.text_guidance,
+            image_guidance=args.image_guidance,
+            num_inference_steps=args.steps,
+            seed=args.seed,
+            scheduler=args.scheduler,
+            resolution=args.resolution,
+        )
     edited = result.images[0]
     save_image(edited, args.out, out_format)
     timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result.timings.items())

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import cast
 
+from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 from insightedit.evaluation.clip_score import DEFAULT_CLIP_MODEL
 from insightedit.evaluation.lpips import LPIPS_NETS
@@ -27,7 +28,7 @@ from insightedit.evaluation.viescore.scorer import VIEScorer
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``insightedit evaluate``."""
-    parser = argparse.ArgumentParser(prog="insightedit evaluate", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="insightedit evaluate", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data", required=True, type=Path, help="benchmark root (Reason-Edit folder or AdvancedEdit data)"
     )

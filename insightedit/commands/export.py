@@ -15,13 +15,13 @@ half-written model folder, and with ``--overwrite`` the old folder stays until t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from insightedit.atomic_write import OutputNotWritten, atomic_folder, check_writable_folder, explain
+from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 
 
@@ -101,7 +101,7 @@ def export(
 
 def main(argv: list[str]) -> int:
     """Entry point of ``insightedit export``."""
-    parser = argparse.ArgumentParser(prog="insightedit export", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="insightedit export", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a checkpoint of EditorSystem (any member)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument(

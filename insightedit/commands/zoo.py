@@ -9,11 +9,11 @@ as a training run resolves them. A stage trains the union of its groups
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 
 MILLION = 1e6
@@ -175,7 +175,7 @@ def format_member(summary: MemberSummary, preset: str = "full") -> str:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``insightedit zoo``."""
-    parser = argparse.ArgumentParser(prog="insightedit zoo", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="insightedit zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--member", default=None, help="one member's details (its stages and groups)")
     parser.add_argument("--preset", choices=("full", "tiny"), default="full", help="sizes to count (default full)")
     parser.add_argument("--json", action="store_true", help="print JSON")
