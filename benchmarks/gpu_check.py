@@ -218,19 +218,19 @@ class MemoryMeter:
 
 def device_info(profile: Profile) -> dict[str, Any]:
     """The accelerator and the versions that matter for the numbers."""
-    import bitsandbytes
-    import diffusers
-    import lightning
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
 
     info: dict[str, Any] = {
         "device": str(profile.device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "diffusers": diffusers.__version__,
-        "lightning": lightning.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
+        **{name: installed(name) for name in ("transformers", "diffusers", "lightning", "peft", "bitsandbytes")},
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
     }
@@ -586,6 +586,7 @@ class Check:
     def collect_plans(self) -> None:
         """Wait (within the budget) for the side process; record its plans or why there are none."""
         if self.plan_process is None:
+            self.results["plans"] = self.plans
             return
         try:
             self.plan_process.wait(timeout=max(self.budget.left(), 1.0))
@@ -650,6 +651,8 @@ class Check:
         meter = MemoryMeter(self.profile.device)
         with meter.measure():
             result, trainer = train_steps(system, config, self.profile, 1, self.workdir / "train_1gpu")
+        system.zero_grad(set_to_none=True)
+        system.trainer = None  # let the optimizer's states go before the edits are measured
         del trainer
         self.trained = system
         return {
@@ -747,7 +750,10 @@ class Check:
     def run(self) -> dict[str, Any]:
         """Every part in order, the plans beside them, the comparison, the files."""
         paths = self.configs()
-        self.start_plans(paths)
+        if self.budget.left() > 0:
+            self.start_plans(paths)
+        else:
+            self.plans = {"skipped": "time budget spent before the plans started"}
         self.run_part("folders", self.part_folders)
         if "error" in self.results["parts"]["folders"] or "skipped" in self.results["parts"]["folders"]:
             for name in PARTS[1:]:
