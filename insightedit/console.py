@@ -58,6 +58,12 @@ KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
         "the frozen towers (VAE, text encoder, CLIP image encoder) stay in eval mode by design; "
         "EditorSystem warns instead if a module with trainable parameters is in eval mode",
     ),
+    KnownWarning(
+        re.escape("predict returned None if it was on purpose"),
+        UserWarning,
+        r"lightning\.pytorch\.loops\.prediction_loop",
+        "predict_step writes each edit to disk and returns nothing, on purpose",
+    ),
 )
 
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")

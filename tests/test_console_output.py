@@ -64,6 +64,8 @@ LIBRARY_NOTICES = [
      "instead.", FutureWarning, "lightning.pytorch.utilities._pytree"),
     ("Found 60 module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
      "training.", UserWarning, "lightning.pytorch.loops.fit_loop"),
+    ("predict returned None if it was on purpose, ignore this warning...", UserWarning,
+     "lightning.pytorch.loops.prediction_loop"),
 ]  # fmt: skip
 
 
