@@ -139,7 +139,8 @@ class StepProgressBar(RichProgressBar):
             return
         description = self._get_train_description(trainer.current_epoch)
         if self.train_progress_bar_id is None:
-            self.train_progress_bar_id = self._add_task(self.total_steps(), description)
+            total = self.total_steps()
+            self.train_progress_bar_id = self._add_task(int(total) if math.isfinite(total) else total, description)
             self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)  # a resumed run
         else:
             self.progress.update(self.train_progress_bar_id, description=description)
