@@ -109,16 +109,17 @@ def quiet_library_noise() -> None:
             logger.addFilter(_DropPrefixes(prefixes))
 
 
-def quiet_fresh_checkpoint_folders(folders: Iterable[str | Path]) -> None:
-    """Lightning's "Checkpoint directory ... exists and is not empty" only where a folder holds checkpoints.
+def quiet_fresh_checkpoint_folders(folders: Iterable[str | Path], resuming: bool = False) -> None:
+    """Lightning's "Checkpoint directory ... exists and is not empty" only where it means something.
 
     The folder of a first run already holds ``config.yaml`` and the W&B run when ``ModelCheckpoint``
-    looks at it; the warning is meant for folders with earlier checkpoints (a new ``last.ckpt`` would
-    be named ``last-v1.ckpt``), and there it still shows.
+    looks at it, and a resumed run (``resuming``) finds its own checkpoints there: neither is news.
+    The warning is meant for a new run beside earlier checkpoints (its ``last.ckpt`` would be named
+    ``last-v1.ckpt``), and there it still shows.
     """
     for folder in folders:
         path = Path(folder)
-        if "://" in str(folder) or any(path.glob("*.ckpt")):
+        if "://" in str(folder) or (not resuming and any(path.glob("*.ckpt"))):
             continue
         warnings.filterwarnings(
             "ignore",

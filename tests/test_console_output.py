@@ -13,7 +13,7 @@ from _training_runs import REPO, TINY3, environment
 from lightning.pytorch.callbacks import Callback
 
 from insightedit.cli import main
-from insightedit.console import KNOWN_WARNINGS, _DropPrefixes, quiet_library_noise
+from insightedit.console import KNOWN_WARNINGS, _DropPrefixes, quiet_fresh_checkpoint_folders, quiet_library_noise
 
 REAL_WARNING = "a real warning from user code"
 WARNING_LINE = re.compile(r"warn|deprecat|tip:|flops", re.IGNORECASE)
@@ -122,3 +122,22 @@ def test_the_command_drops_only_known_log_records(caplog):
     assert [record.getMessage() for record in caplog.records] == [
         "a real bitsandbytes warning", "GPU available: False, used: False",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "holds_checkpoint, resuming, shown", [(False, False, False), (True, False, True), (True, True, False)]
+)
+def test_checkpoint_folder_warning_only_beside_another_runs_checkpoints(tmp_path, holds_checkpoint, resuming, shown):
+    """config.yaml and wandb/ (a first run) or a resume: silent; a new run beside checkpoints: the warning shows."""
+    (tmp_path / "config.yaml").write_text("{}")
+    if holds_checkpoint:
+        (tmp_path / "last.ckpt").write_bytes(b"")
+    ours = f"Checkpoint directory {tmp_path} exists and is not empty."
+    other = f"Checkpoint directory {tmp_path}-other exists and is not empty."  # another folder: never silenced
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_fresh_checkpoint_folders([str(tmp_path)], resuming)
+        for message in (ours, other):
+            warnings.warn_explicit(message, UserWarning, "model_checkpoint.py", 1,
+                                   module="lightning.pytorch.callbacks.model_checkpoint")
+    assert [str(w.message) for w in caught] == ([ours] if shown else []) + [other]
