@@ -16,6 +16,14 @@ from insightedit.planning.memory import NF4_BYTES, PlanSettings, plan_memory
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _session_cache(tmp_path_factory):
+    """Plans computed here, once per config in this module (repeats read the module's own cache)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INSIGHTEDIT_CACHE", str(tmp_path_factory.mktemp("plan_cache")))
+        yield
+
+
 def run_plan(capsys, *configs, devices=None, member=None):
     args = ["plan", "--json"] + [a for c in configs for a in ("--config", str(CONFIGS / c))]
     if devices is not None:
@@ -45,6 +53,21 @@ def test_stage3_plan_reports_the_full_size_counts_without_weights(capsys):
     assert memory["settings"]["strategy"] == "fsdp2" and memory["settings"]["world_size"] == 8
     parts = memory["bytes_per_device"]
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    # the MLLM's forward FLOPs by hand (2 per multiply-add) from LLaVA-1.5-7B's config, s = 576 + 64 + 32
+    h, f, layers, s, r, vocab = 4096, 11008, 32, 576 + 64 + 32, 32, 32064
+    llm = 2 * s * layers * (4 * h * h + 3 * h * f) + layers * 4 * s * s * h + layers * 4 * 4 * s * h * 8  # + LoRA r=8
+    vision = 2 * 577 * 24 * (4 * 1024**2 + 2 * 1024 * 4096) + 24 * 4 * 577**2 * 1024 + 2 * 576 * 3 * 14 * 14 * 1024
+    projector, head = 2 * 576 * (1024 * h + h * h), 2 * r * h * (vocab + r)  # the head runs at the [MM] positions
+    flops = plan["flops_per_sample"]["groups"]
+    assert flops["mllm"]["forward"] == llm + vision + projector + head
+    # frozen LLaMA under LoRA and trained [MM] rows: input gradients through every layer (≈ one more forward)
+    assert 0.9 * llm < flops["mllm"]["backward"] < 1.1 * llm
+    assert flops["unet"]["backward"] == pytest.approx(2 * flops["unet"]["forward"], rel=0.05)  # the UNet trains
+    assert flops["encoders"]["backward"] == 0  # VAE, text encoder, CLIP target: frozen, nothing before them trains
+    assert flops["mllm"]["recompute"] > 0 and flops["unet"]["recompute"] > 0  # both sections checkpoint
+    assert plan["fits"]["gpus"]["H100 SXM 80 GB"]["verdict"] == "fits"
+    hours = plan["gpu_hours"]["paper"]["gpu_hours"]["H100 SXM 80 GB"]
+    assert hours == pytest.approx(plan["flops_per_sample"]["total"] * 202_822 / (0.4 * 989e12) / 3600, abs=0.05)
 
 
 def test_stage_changes_what_trains_and_devices_change_sharding(capsys):
@@ -53,8 +76,11 @@ def test_stage_changes_what_trains_and_devices_change_sharding(capsys):
     eight = run_plan(capsys, "stage3.yaml")["memory"]["bytes_per_device"]
     one = run_plan(capsys, "stage3.yaml", devices=1)["memory"]["bytes_per_device"]
     assert one["optimizer"] == pytest.approx(8 * eight["optimizer"], rel=1e-6)
-    qlora = run_plan(capsys, "stage3.yaml", "qlora_1gpu.yaml")["memory"]
+    qlora_plan = run_plan(capsys, "stage3.yaml", "qlora_1gpu.yaml")
+    qlora = qlora_plan["memory"]
     assert qlora["settings"]["quantization"] == "4bit" and qlora["settings"]["world_size"] == 1
+    verdicts = {name: gpu["verdict"] for name, gpu in qlora_plan["fits"]["gpus"].items()}
+    assert verdicts["RTX 3090/4090 24 GB"] in ("tight", "no") and verdicts["A100 40 GB"] == "fits"
     assert qlora["bytes_per_device"]["weights"] < one["weights"] - 8 * 2**30
 
 
