@@ -102,7 +102,8 @@ class InsightEditCLI(LightningCLI):
             rank_zero_info(f"note: no logger (trainer.logger=false): {', '.join(dropped)} left out")
         prepare_wandb_loggers(self.trainer.loggers)  # nothing for W&B to warn about (anonymous, git root)
         checkpoint_folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-        quiet_fresh_checkpoint_folders(checkpoint_folders)  # Lightning warns only where earlier checkpoints are
+        resuming = self.subcommand == "fit" and bool(self.config["fit"].get("ckpt_path"))
+        quiet_fresh_checkpoint_folders(checkpoint_folders, resuming)  # warned only beside another run's checkpoints
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer; :class:`StepProgressBar` and :class:`ModelSummaryTable` where Lightning would add its own."""
