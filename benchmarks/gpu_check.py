@@ -858,6 +858,8 @@ def plans_worker(spec_path: Path) -> None:
 
 def sharded_worker(config_path: Path, out: Path, profile: Profile) -> None:
     """One Lightning run over ``trainer.devices`` processes (Lightning launches the other ranks); rank 0 writes."""
+    if profile.device.type == "cuda":  # this rank's GPU before anything touches one (Lightning sets LOCAL_RANK)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     config = yaml.safe_load(config_path.read_text())
     system = build_system(config)
     devices = int(config["trainer"]["devices"])
@@ -875,7 +877,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny presets on the CPU in float32 (what CI runs)")
     parser.add_argument("--device", default=None, help="cpu (with --tiny) or cuda (default: cuda, cpu for --tiny)")
     parser.add_argument(
-        "--budget-s", type=float, default=450.0, help="global time budget; parts that do not fit are skipped"
+        "--budget-s", type=float, default=420.0, help="global time budget; parts that do not fit are skipped"
     )
     parser.add_argument("--resolution", type=int, default=None, help="edit resolution (default 512; 64 with --tiny)")
     parser.add_argument(
