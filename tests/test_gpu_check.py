@@ -85,3 +85,15 @@ def test_tiny_rehearsal_measures_every_part(tmp_path):
     for name in ("edit_full", "edit_low", "edit_sequential", "edit_4bit"):  # plan --edit has these rows
         assert finite_positive(parts[name]["plan_peak_gib"]), name
     assert parts["edit_8bit"]["plan_peak_gib"] is None and "8-bit" in parts["edit_8bit"]["plan_note"]
+
+
+@pytest.mark.slow  # two gloo processes of the tiny stage 3: ~5 min on 2 shared cores
+def test_sharded_part_runs_over_two_cpu_processes(tmp_path):
+    """The FSDP2 part's worker (Lightning fans it out to the ranks) on the CPU: what several GPUs would run."""
+    results = run_check(tmp_path, "--parts", "train_sharded", "--sharded-ranks", "2", "--budget-s", "1200")
+    sharded = results["parts"]["train_sharded"]
+    assert "error" not in sharded and "skipped" not in sharded, sharded
+    assert sharded["ranks"] == 2 and sharded["config"] == ["stage3.yaml", "fsdp2_8gpu.yaml"]
+    assert finite_positive(sharded["seconds_per_step"]) and all(math.isfinite(x) for x in sharded["losses"])
+    assert finite_positive(sharded["plan_total_gib"])  # plan for the same config at 2 devices
+    assert results["parts"]["edit_full"]["skipped"] == "not selected (--parts)"
