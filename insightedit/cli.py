@@ -75,6 +75,9 @@ def main(args: Sequence[str] | None = None) -> int:
         return 0
     command = argv[0]
     try:
+        from insightedit.threads import configure_threads
+
+        configure_threads()  # OpenMP waits that hold up on shared cores, before torch loads (insightedit/threads.py)
         if command in LIGHTNING_COMMANDS:
             from insightedit.cli_precheck import precheck
 

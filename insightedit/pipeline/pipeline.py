@@ -36,6 +36,7 @@ from insightedit.pipeline.images import ImageInput, mllm_view, resize, split_ima
 from insightedit.pipeline.offload import SequentialOffload
 from insightedit.pipeline.parts import load_part, part_kind, save_part
 from insightedit.pipeline.settings import make_scheduler, resolve_device, resolve_dtype
+from insightedit.threads import cpu_call_threads
 
 MemoryMode = Literal["full", "low", "sequential"]
 MEMORY_MODES: tuple[str, ...] = ("full", "low", "sequential")
@@ -349,7 +350,10 @@ class EditPipeline:
             "num_inference_steps": num_inference_steps,
         }
         resolution = self.resolution if resolution is None else resolution
-        return self._edit(images, instructions, image_scale, sampling, generator, scheduler, resolution, output_type)
+        with cpu_call_threads(self.device.type):  # no spinning thread team on shared cores (insightedit/threads.py)
+            return self._edit(
+                images, instructions, image_scale, sampling, generator, scheduler, resolution, output_type
+            )
 
     def _edit(
         self,
