@@ -318,7 +318,17 @@ def make_plan(
                 "convolutions, attention); the MLLM runs its own layers at "
                 f"s = vision patches + {TEXT_TOKENS} text tokens + r; frozen layers compute input gradients "
                 "only where something before them trains, no weight gradients; gradient checkpointing adds "
-                "one more forward of each checkpointed block the backward runs through (recompute)"
+                "one more forward of each checkpointed block the backward runs through (recompute); stacks of "
+                "identical transformer layers are counted from two layers (the same count, tested)"
+            ),
+            "fits": (
+                "fits: estimate + 1.0 GiB CUDA context + 10% of the estimate (allocator fragmentation, transients) "
+                "within the card's memory (nvidia-smi total); tight: fits with the context but not the 10%"
+            ),
+            "gpu_hours": (
+                "FLOPs per sample x samples / (dense bf16 peak x MFU); samples: --epochs over the paper's "
+                "202,822 pairs (the paper states no schedule: 1 epoch per stage assumed) and the config's own "
+                "max_steps x batch x processes x accumulate_grad_batches"
             ),
         },
     }

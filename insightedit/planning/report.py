@@ -87,18 +87,25 @@ def format_plan(plan: dict[str, Any], width: int | None = None) -> str:
     for name, entry in fits["gpus"].items():
         lines.append(f"  {name:<22} {entry['memory_gib']:>6.1f} GiB  {entry['verdict']}")
     flops = plan["flops_per_sample"]
+    unit, scale = ("TFLOP", 1e12) if flops["total"] >= 1e12 else ("GFLOP", 1e9)
     lines += [
         "",
-        f"training FLOPs per sample at {flops['resolution']}px (TFLOP; MLLM over vision patches + "
+        f"training FLOPs per sample at {flops['resolution']}px ({unit}; MLLM over vision patches + "
         f"{flops['mllm_text_tokens']} text tokens + [MM])",
         f"  {'group':<10} {'forward':>9} {'backward':>9} {'recompute':>9} {'total':>9}",
     ]
     for name, group in flops["groups"].items():
-        values = (group[key] / 1e12 for key in ("forward", "backward", "recompute", "total"))
+        if group["total"] < 5e-4 * flops["total"]:  # e.g. a loss computed outside any module: in --json only
+            continue
+        values = (group[key] / scale for key in ("forward", "backward", "recompute", "total"))
         lines.append(f"  {name:<10} " + " ".join(f"{value:>9.3f}" for value in values))
-    lines.append(f"  {'total':<10} {'':>9} {'':>9} {'':>9} {flops['total'] / 1e12:>9.3f}")
+    lines.append(f"  {'total':<10} {'':>9} {'':>9} {'':>9} {flops['total'] / scale:>9.3f}")
     hours = plan["gpu_hours"]
-    lines += ["", f"GPU-hours at {hours['mfu']:.0%} MFU (bf16 dense peak: A100 312, H100 SXM 989 TFLOP/s)"]
+    lines += [
+        "",
+        f"GPU-hours at {hours['mfu']:.0%} MFU (bf16 dense peak: A100 312, H100 SXM 989 TFLOP/s; "
+        f"wall hours on the config's {hours['world_size']} process(es))",
+    ]
     for run in ("paper", "config"):
         if run not in hours:
             continue
@@ -110,7 +117,7 @@ def format_plan(plan: dict[str, Any], width: int | None = None) -> str:
             f"samples ({spec['epochs']:g} epochs)"
         )
         per_gpu = ", ".join(
-            f"{name} {value:,.1f} h ({spec['wall_hours'][name]:,.2f} h on {hours['world_size']})"
+            f"{name} {value:,.1f} GPU-h ({spec['wall_hours'][name]:,.2f} h wall)"
             for name, value in spec["gpu_hours"].items()
         )
         lines.append(f"  {what}: {per_gpu}")
