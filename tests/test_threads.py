@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import insightedit.pipeline
 from insightedit import threads
 from insightedit.errors import UserError
 from insightedit.pipeline import EditPipeline
@@ -22,7 +24,8 @@ MANY = max(2, threads.default_thread_count())
 def clean_env(monkeypatch: pytest.MonkeyPatch):
     """No thread variable set, torch at its default count (restored after the test)."""
     for name in VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # so that teardown restores the variable, whoever set it
+        monkeypatch.delenv(name)
     monkeypatch.setattr(threads, "default_thread_count", lambda: MANY)
     before = torch.get_num_threads()
     torch.set_num_threads(MANY)
@@ -135,6 +138,7 @@ def test_the_cli_names_a_bad_thread_count_in_one_line():
     ]
 
 
-def test_importing_the_pipeline_before_torch_sets_passive_waits():
-    code = "import os, insightedit.pipeline, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert run_child(code).stdout.split()[-1] == "PASSIVE"
+def test_importing_the_pipeline_before_torch_sets_passive_waits(clean_env):
+    clean_env.delitem(sys.modules, "torch")  # as if torch had not loaded yet (restored after the test)
+    importlib.reload(insightedit.pipeline)  # runs the package's hook again; its modules stay loaded
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
