@@ -86,7 +86,7 @@ class InsightEditCLI(LightningCLI):
 
         Every subcommand: hub weights the model names that are not here and cannot be downloaded are one line.
         """
-        check_model_config(self.config[self.subcommand].get("model"))
+        check_model_config((self.config[self.subcommand] if self.subcommand else self.config).get("model"))
         if self.subcommand in ("fit", "test"):
             check_run_outputs(self.config[self.subcommand].get("trainer"))
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # other ranks start after rank 0 wrote config.yaml
