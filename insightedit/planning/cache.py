@@ -2,7 +2,8 @@
 
 A plan is a pure function of the merged config, the command's options, this package's code and the
 versions of the libraries that build the model. The key hashes all of them (the package's ``.py`` files
-by content), so any change to one recomputes; nothing is imported to make it (no torch). Answers live in
+by content) and the config files of local weight folders the config names (a folder's architecture is
+what a plan builds), so any change to one recomputes; nothing is imported to make it (no torch). Answers live in
 ``$INSIGHTEDIT_CACHE`` or ``$XDG_CACHE_HOME/insightedit/plan`` (default ``~/.cache/insightedit/plan``),
 one small JSON file each; ``--no-cache`` skips them. A file that cannot be read or written is ignored.
 """
@@ -21,6 +22,8 @@ import insightedit
 LIBRARIES = ("torch", "transformers", "diffusers", "peft", "open_clip_torch", "bitsandbytes")
 FORMAT = 1  # bump when the stored answer's layout changes
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".model")  # what a weights folder's architecture is read from
+WEIGHT_KEYS = (("comprehension", "pretrained"), ("generation", "pretrained"), ("bridging", "clip_pretrained"),
+               ("head", "pretrained"))  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -46,24 +49,26 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, dict):
-        return [s for item in value.values() for s in _strings(item)]
-    if isinstance(value, list):
-        return [s for item in value for s in _strings(item)]
-    return [value] if isinstance(value, str) else []
+def weight_paths(config: dict[str, Any]) -> list[str]:
+    """The weight sources a config names (``model.init_args.<section>.<key>``, e.g. a local LLaVA folder)."""
+    init_args = ((config.get("model") or {}).get("init_args")) or {}
+    values = [(init_args.get(section) or {}).get(key) for section, key in WEIGHT_KEYS]
+    return sorted({value for value in values if isinstance(value, str) and value})
 
 
-def local_files_stamp(config: Any) -> list[list[Any]]:
-    """Size and modification time of the local files a config names (a folder: its config-like files)."""
+def local_files_stamp(paths: list[str]) -> list[list[Any]]:
+    """Size and modification time of the config-like files of the local weight folders among ``paths``."""
     stamps: list[list[Any]] = []
-    for text in sorted(set(_strings(config))):
+    for text in paths:
+        path = Path(text)
         try:
-            path = Path(text)
-            if not text or not path.exists():
+            if path.is_file():
+                files = [path]
+            elif path.is_dir():  # the architecture is read from config files at the top or one folder down
+                files = sorted(p for p in [*path.glob("*"), *path.glob("*/*")] if p.suffix in CONFIG_SUFFIXES)
+            else:
                 continue
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in CONFIG_SUFFIXES)
-            for file in files[:200]:
+            for file in files:
                 stat = file.stat()
                 stamps.append([str(file), stat.st_size, stat.st_mtime_ns])
         except OSError:
@@ -76,7 +81,8 @@ class PlanCache:
 
     def __init__(self, key: dict[str, Any], enabled: bool = True) -> None:
         self.enabled = enabled
-        stamp = {"code": code_fingerprint(), "files": local_files_stamp(key)} if enabled else {}
+        config = key.get("config") if isinstance(key.get("config"), dict) else {}
+        stamp = {"code": code_fingerprint(), "files": local_files_stamp(weight_paths(config))} if enabled else {}
         text = json.dumps({"format": FORMAT, "key": key} | stamp, sort_keys=True)
         self.path = cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
