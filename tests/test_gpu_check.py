@@ -54,7 +54,7 @@ def test_every_part_skipped_with_its_reason_when_the_budget_is_spent(tmp_path):
     assert results["plans"]["skipped"].startswith("time budget")  # and the plans say so too
 
 
-@pytest.mark.slow  # the whole rehearsal: ~1.5 min on 2 idle cores, several on shared ones
+@pytest.mark.slow  # the whole rehearsal: 4-6 min on 2 shared cores (load 8)
 def test_tiny_rehearsal_measures_every_part(tmp_path):
     results = run_check(tmp_path, "--budget-s", "1200")
     check_provenance(results)
@@ -87,7 +87,7 @@ def test_tiny_rehearsal_measures_every_part(tmp_path):
     assert parts["edit_8bit"]["plan_peak_gib"] is None and "8-bit" in parts["edit_8bit"]["plan_note"]
 
 
-@pytest.mark.slow  # two gloo processes of the tiny stage 3: ~5 min on 2 shared cores
+@pytest.mark.slow  # two gloo processes of the tiny stage 3: 5-9 min on 2 shared cores
 def test_sharded_part_runs_over_two_cpu_processes(tmp_path):
     """The FSDP2 part's worker (Lightning fans it out to the ranks) on the CPU: what several GPUs would run."""
     results = run_check(tmp_path, "--parts", "train_sharded", "--sharded-ranks", "2", "--budget-s", "1200")
