@@ -6,8 +6,9 @@ drop every other comprehension setting of the stage. So consecutive ``--config``
 here first (mappings deep-merged, lists and scalars replaced, later files win; a section that names
 another ``class_path`` is replaced whole), written to one temporary yaml, and handed to Lightning's
 parser as a single ``--config``; omegaconf interpolation
-(``${trainer.default_root_dir}``) is then resolved over the merged whole, so an overlay may refer to a
-stage's values. ``insightedit plan`` merges the same way.
+(``${trainer.default_root_dir}``) is then resolved over the merged whole and the command line
+(jsonargparse's ``omegaconf+`` mode), so an overlay may refer to a stage's values and
+``--trainer.default_root_dir=DIR`` moves what the files place there. ``insightedit plan`` merges the same way.
 """
 
 from __future__ import annotations
