@@ -12,7 +12,7 @@ from typing import Any
 from insightedit.commands.edit import add_model_arguments, check_model_arguments
 from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
-from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
+from insightedit.image_reader import DEFAULT_MAX_PIXELS  # light: the pipeline (torch) loads after the arguments
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -37,6 +37,8 @@ def edit_upload(
         raise UserError("upload an image first")
     if not instruction or not instruction.strip():
         raise UserError("type an instruction: say what to change")
+    from insightedit.pipeline.images import read_image
+
     image = read_image(image_path, max_pixels=max_pixels)
     result = pipeline(
         image,

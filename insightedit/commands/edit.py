@@ -19,7 +19,7 @@ from PIL import Image
 from insightedit.atomic_write import OutputNotWritten, atomic_write, check_writable_file, explain
 from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
-from insightedit.pipeline.images import DEFAULT_MAX_PIXELS, read_image
+from insightedit.image_reader import DEFAULT_MAX_PIXELS  # light: the pipeline (torch) loads after the arguments
 
 SCHEDULER_NAMES = ("ddim", "euler_a", "dpm++")
 MEMORY_MODE_NAMES = ("full", "low", "sequential")  # EditPipeline's memory_mode
@@ -148,6 +148,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     check_model_arguments(args)
     out_format = check_output(args.out)
+    from insightedit.pipeline.images import read_image
+
     source = read_image(args.image, max_pixels=args.max_pixels)
     with StatusLine(sys.stderr) as status:
         status.show(f"loading {args.model} ...")
