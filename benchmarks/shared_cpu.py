@@ -159,22 +159,25 @@ def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def slowdown_text(row: dict[str, Any], kind: str) -> str:
+    """``"2.16× (1.47×)"``: the slowdown against idle and per busy core; ``"1 (idle)"`` on idle rows."""
+    if not row["busy"] or row[f"{kind}_slowdown"] is None:
+        return "1 (idle)"
+    return f"{row[f'{kind}_slowdown']:.2f}× ({row[f'{kind}_per_busy_core']:.2f}×)"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the rows."""
     lines = [
-        "| setting | busy processes | torch threads | load before | edit s | edit slowdown | step s "
-        "| step slowdown | machine CPU busy (edit / step) |",
+        "| setting | busy processes | torch threads | load before | edit s | edit slowdown (per busy core) "
+        "| step s | step slowdown (per busy core) | machine CPU busy (edit / step) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-
-        def ratio(value: float | None) -> str:
-            return "1 (idle)" if value is None else f"{value:.2f}×"
-
+        ratio = {kind: slowdown_text(r, kind) for kind in ("edit", "step")}
         lines.append(
             f"| {r['setting']} | {r['busy']} | {r['threads']} | {r['load']:.2f} | {r['edit_s']:.3f} "
-            f"| {ratio(r['edit_slowdown'] if r['busy'] else None)} | {r['step_s']:.3f} "
-            f"| {ratio(r['step_slowdown'] if r['busy'] else None)} "
+            f"| {ratio['edit']} | {r['step_s']:.3f} | {ratio['step']} "
             f"| {100 * r['edit_machine_cpu_busy']:.0f}% / {100 * r['step_machine_cpu_busy']:.0f}% |"
         )
     return "\n".join(lines)
@@ -186,7 +189,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["default", "chosen"], choices=list(SETTINGS))
     parser.add_argument("--busy", nargs="+", type=int, default=[0, 1, 2], help="numbers of busy processes")
     parser.add_argument("--runs", type=int, default=5, help="timed repeats per cell (median)")
-    parser.add_argument("--cell-seconds", type=float, default=20.0, help="stop repeating a cell after this")
+    parser.add_argument("--cell-seconds", type=float, default=15.0, help="stop repeating a cell after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "shared_cpu", help="writes OUT.json and OUT.md")
     parser.add_argument("--child", nargs=2, metavar=("SETTING", "BUSY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
