@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelSummary
@@ -59,12 +61,37 @@ class InsightEditCLI(LightningCLI):
                                 "previous run: delete its checkpoints and config.yaml first")
         return parser
 
+    RUN_SETTINGS: tuple[str, ...] = ("evaluation", "prediction")
+    """The model's run settings: always the command line's, never a ``--ckpt_path``'s stored ones."""
+
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads ``--ckpt_path``'s hyperparameters (weights-only); a refused file is one line."""
+        """``--ckpt_path``'s hyperparameters (read weights-only) over the command line's model arguments.
+
+        As Lightning does, except: a refused or unreadable file is one line; :attr:`RUN_SETTINGS` are not
+        taken (checkpoints written before the system left them out of its hyperparameters hold them, and
+        ``insightedit test --ckpt_path X --model.init_args.evaluation.<k>=<v>`` must take effect); a
+        checkpoint that names no class (saved by a system built in Python, not by this CLI) is read as
+        one of the config's model class.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
         try:
-            super()._parse_ckpt_path()
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu")
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # refused or unreadable
-            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), error, "ckpt_path") from None
+            raise checkpoint_error(path, error, "ckpt_path") from None
+        skipped = ("_instantiator", *self.RUN_SETTINGS)
+        hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in skipped}
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None) or self.config.get(f"{subcommand}.model.class_path")
+        model = {"class_path": class_path, "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"the hyperparameters of --ckpt_path {path} do not fit the config's model\n")
+            raise
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """The subcommand's arguments, with ``weights_only=True`` for ``--ckpt_path``."""

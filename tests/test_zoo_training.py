@@ -4,17 +4,20 @@ For each member in :data:`insightedit.models.zoo.MEMBERS`, built once (tiny, sma
 :class:`EditorSystem` of stage 3: two Lightning steps on 32 px synthetic data change exactly the
 parameters of the stage's groups (by name, and as many as the groups hold), every other weight and
 buffer stays bit for bit, and ``trainer.save_checkpoint`` → ``EditorSystem.load_from_checkpoint`` edits
-exactly as the trained system does; the image logger writes the trained member's edits. Stage 1 of every
-member with an MLLM trains no UNet.
+exactly as the trained system does; the image logger writes the trained member's edits; ``insightedit test``
+on that checkpoint scores the member's edits (the command line's evaluation settings, not the checkpoint's).
+Stage 1 of every member with an MLLM trains no UNet.
 
 Two steps, not one: tensors behind a zero-initialised factor (LoRA's A behind B = 0, the BIM's transformer
-behind its zero heads) get their first gradient in the second step. The whole file takes about 20 s on
-one thread of two loaded cores.
+behind its zero heads) get their first gradient in the second step. The whole file takes about 75 s on
+one thread of two loaded cores, 30 s of it the six ``insightedit test`` runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -275,3 +278,92 @@ def test_stage1_of_an_mllm_member_trains_no_unet(member: str, data_root: Path) -
     assert changed and changed <= trainable
     unet = [name for name in after if name.startswith("editor.generation.unet.")]
     assert unet and all(torch.equal(after[name], before[name]) for name in unet)
+
+
+# ----------------------------------------------------------------------- insightedit test, every member
+STALE_EVALUATION = {"num_inference_steps": 20, "lpips": "stlpips", "out_dir": "stale-report"}
+
+
+def test_test_and_predict_settings_stay_out_of_the_hyperparameters() -> None:
+    system = EditorSystem(member="instruct_pix2pix", preset="tiny", evaluation={"num_inference_steps": 3})
+    assert system.evaluation == {"num_inference_steps": 3}  # what insightedit test reads
+    assert "evaluation" not in system.hparams and "prediction" not in system.hparams
+    assert system.hparams["member"] == "instruct_pix2pix"
+
+
+def test_insightedit_test_scores_the_member_s_checkpoint_with_the_command_line_s_evaluation(
+    run: Run, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``insightedit test --config tiny/<member>.yaml --ckpt_path <the fit's checkpoint>``, in process.
+
+    (InsightEdit's yaml is ``tiny/stage3.yaml``.) One batch of 2 held-out pairs, 2 sampling steps, 32 px.
+
+    The checkpoint is the one :func:`run` saved, as a file of ``insightedit fit`` written before evaluation
+    settings were left out of the hyperparameters would be: it names its class and holds a stale
+    ``evaluation`` section, which must not hide the command line's. InstructPix2Pix's is kept as saved
+    (a system built in Python names no class): the config's model class reads it. The report is checked
+    by value (finite, the identity edit exact) and the saved edits are the trained system's, pixel for pixel.
+    """
+    from insightedit.cli import main
+    from insightedit.evaluation.metrics import PSNR_CAP_DB
+    from insightedit.evaluation.model_test import to_pil
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = run.checkpoint
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert "evaluation" not in saved["hyper_parameters"]  # run settings stay out of checkpoints
+    if run.member != "instruct_pix2pix":
+        saved["hyper_parameters"].update(
+            _class_path="insightedit.systems.editor_system.EditorSystem", evaluation=STALE_EVALUATION
+        )
+        checkpoint = tmp_path / "older.ckpt"
+        torch.save(saved, checkpoint)
+    out = tmp_path / "report"
+    size = run.system.editor.mllm_image_size() or 32
+    data = {"root": data_root, "synthetic": "null", "batch_size": 2, "val_fraction": 0.3, "check_images": "false",
+            "mllm_size": size, "clip_size": 32, "resolution": 32}  # fmt: skip
+    evaluation = {"num_inference_steps": 2, "lpips": "none", "resolution": 32, "out_dir": out}
+    tiny = Path(__file__).resolve().parents[1] / "lightning_configs" / "tiny"
+    config = tiny / ("stage3.yaml" if run.member == "insightedit" else f"{run.member}.yaml")  # as benchmarks/zoo.py
+    batches: list[dict[str, Any]] = []  # what test_step is given (the test split's phrasing is drawn per epoch)
+    test_step = EditorSystem.test_step
+    monkeypatch.setattr(
+        EditorSystem, "test_step", lambda self, batch, i: batches.append(batch) or test_step(self, batch, i)
+    )
+    code = main([
+        "test", "--config", str(config), "--ckpt_path", str(checkpoint),
+        *(f"--data.init_args.{key}={value}" for key, value in data.items()),
+        *(f"--model.init_args.evaluation.{key}={value}" for key, value in evaluation.items()),
+        "--trainer.limit_test_batches=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-2000:] + printed.err[-3000:]
+    assert not (tmp_path / "stale-report").exists()
+    report = json.loads((out / "test_report.json").read_text())
+    settings = report["settings"]
+    assert (settings["num_inference_steps"], settings["lpips"], settings["resolution"]) == (2, "none", 32)
+    assert set(report["systems"]) == {"this checkpoint", "identity edit"}
+    model, identity = report["systems"]["this checkpoint"]["all"], report["systems"]["identity edit"]["all"]
+    assert model["n"] == identity["n"] == 2
+    for name in ("psnr", "ssim", "psnr_target", "ssim_target", "psnr_in_mask"):
+        assert math.isfinite(model[name]) and math.isfinite(identity[name]), name
+    # the identity edit is the source: infinite PSNR (reported at the cap, every image counted as capped)
+    assert identity["psnr"] == PSNR_CAP_DB and identity["psnr_n_capped"] == 2
+    assert identity["ssim"] == pytest.approx(1.0, abs=1e-6) and identity["psnr_target"] < PSNR_CAP_DB
+    assert model["psnr"] < PSNR_CAP_DB  # and the member's edit does change the image
+
+    # the edits are those of the trained system on the same batch, seed and sampling settings
+    (batch,) = batches
+    run.system.eval()
+    with torch.no_grad():
+        edited = run.system.edit(
+            batch["source"], batch.get("mllm_source"), list(batch["instruction"]),
+            image_scale=settings["image_scale"], num_inference_steps=2, text_guidance=settings["text_guidance"],
+            image_guidance=settings["image_guidance"], generator=torch.Generator().manual_seed(settings["seed"]),
+        )  # fmt: skip
+    rows = [row["id"] for row in report["rows"] if row["system"] == "this checkpoint"]
+    assert rows == list(batch["record_id"])
+    for index, record in enumerate(rows):
+        written = np.asarray(Image.open(out / "edits" / f"{record}.png"))
+        assert np.array_equal(written, np.asarray(to_pil(edited[index]))), record

@@ -74,9 +74,11 @@ class EditorSystem(L.LightningModule):
         prediction: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # predict settings stay out of checkpoints: Lightning's CLI lets a --ckpt_path's hyperparameters
-        # override the command line, so a stored prediction section would hide --model.init_args.prediction
-        self.save_hyperparameters(ignore=["prediction"])
+        # test and predict settings stay out of checkpoints: Lightning's CLI lets a --ckpt_path's hyperparameters
+        # override the command line, so a stored section would hide --model.init_args.evaluation / .prediction
+        # (checkpoints written before evaluation was left out still hold it: InsightEditCLI keeps the command line's)
+        self.save_hyperparameters(ignore=["evaluation", "prediction"])
+        self.evaluation: dict[str, Any] = dict(evaluation or {})
         editor_class = get_member(member).editor_class()
         self.stage: StageSettings = resolve_stage(
             stage,
@@ -294,7 +296,7 @@ class EditorSystem(L.LightningModule):
 
         if not self.stage.use_unet:
             raise UserError(f"stage {self.stage.name!r} has no UNet and cannot edit: test a stage 2 or 3 model")
-        self._test_run = EditTestRun(TestSettings(**(self.hparams["evaluation"] or {})))
+        self._test_run = EditTestRun(TestSettings(**self.evaluation))
         if self._test_run.settings.save_edits:
             self._test_run.edits_dir = self._test_output_dir() / "edits"
 
