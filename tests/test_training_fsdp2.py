@@ -292,7 +292,7 @@ def test_insightedit_test_evaluates_the_checkpoint_sharded(sharded):
     ]
     result = subprocess.run(command, cwd=root, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    # the checkpoint's hyperparameters (evaluation settings too) win over the config: the report is in the log dir
+    # the config names no evaluation.out_dir (and the checkpoint holds no evaluation settings): the log dir
     (path,) = (root / "fsdp2" / "logs").rglob("test_report.json")
     report = json.loads(path.read_text())
     assert set(report["systems"]) == {"this checkpoint", "identity edit"}
