@@ -207,6 +207,10 @@ def test_training_dataset_reads_the_same_pixels_and_skips_each_bad_record(datase
 class _Identity:
     """A pipeline that returns the image it was given: what ``edit`` writes is what it read."""
 
+    device = "cpu"  # what ``edit``'s status line reports
+    member = "identity"
+    has_image_branch = False
+
     def __init__(self) -> None:
         self.seen: list[Image.Image] = []
 
