@@ -36,7 +36,7 @@ from insightedit.lightning_cli import InsightEditCLI
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Set up, run, test"
 MAIN_JOB = ["insightedit", "fit", "--config", "lightning_configs/tiny/stage3.yaml"]
-SKIPPED = ("python3 -m venv", "python -m pytest")  # the install and the test suite: not part of the walk
+SKIPPED = ("python3 -m venv", "pip install", "python -m pytest")  # installs and the test suite: not part of the walk
 SEPARATOR = "\x1f"
 
 # what each subcommand gets appended in the runs here: one step, no validation, a 16-scene data set
