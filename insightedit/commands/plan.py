@@ -322,8 +322,8 @@ def make_plan(
                 "identical transformer layers are counted from two layers (the same count, tested)"
             ),
             "fits": (
-                "fits: estimate + 1.0 GiB CUDA context + 10% of the estimate (allocator fragmentation, transients) "
-                "within the card's memory (nvidia-smi total); tight: fits with the context but not the 10%"
+                "a card fits when estimate + 1.0 GiB CUDA context + 10% of the estimate (allocator fragmentation, "
+                "transients) is within its memory (nvidia-smi total); tight: it fits with the context but not the 10%"
             ),
             "gpu_hours": (
                 "FLOPs per sample x samples / (dense bf16 peak x MFU); samples: --epochs over the paper's "
