@@ -43,6 +43,7 @@ SETTINGS: dict[str, dict[str, str]] = {  # extra environment of each setting's c
     "chosen": {},
     "one": {"OMP_NUM_THREADS": "1", "INSIGHTEDIT_THREADS": "off"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE", "INSIGHTEDIT_THREADS": "off"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000", "INSIGHTEDIT_THREADS": "off"},  # spin briefly, then sleep
 }
 SPIN = "while True: pass"
 

@@ -9,13 +9,18 @@ running: a tiny edit took 108 s instead of 10 s (load ~9 on 2 cores), almost all
 spinning. (From a second Python thread libgomp counts more threads than cores and throttles the spin,
 which is why the same edit was fast in a worker thread.)
 
-What insightedit does (``docs/inference.md``, "Threads on a shared machine"):
+Passive waits alone are not the answer either: in a virtual machine a sleeping thread is slow to wake
+on an idle core, so a 2-thread team with ``OMP_WAIT_POLICY=PASSIVE`` edited 1.5–3.5× slower than torch's
+default on idle cores, while one thread was the fastest setting idle *and* the most graceful beside busy
+processes (``benchmarks/results/shared_cpu.md``). So, what insightedit does (``docs/inference.md``,
+"Threads on a shared machine"):
 
 * before torch loads (the ``insightedit`` command; ``import insightedit.pipeline`` before ``torch``):
-  ``OMP_WAIT_POLICY=PASSIVE`` unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set: waiting threads
-  sleep at once, so a team never spins on a busy machine; the thread count stays torch's;
-* when torch was loaded first with spinning waits, an :class:`~insightedit.pipeline.EditPipeline` call
-  on the CPU runs with one intra-op thread (restored afterwards), unless the threads were chosen;
+  one intra-op thread (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``) unless ``OMP_NUM_THREADS`` or
+  ``INSIGHTEDIT_THREADS`` chose a count, and ``OMP_WAIT_POLICY=PASSIVE`` unless ``OMP_WAIT_POLICY`` or
+  ``GOMP_SPINCOUNT`` is set, so a team someone asks for never spins on a busy machine;
+* when torch was loaded first, an :class:`~insightedit.pipeline.EditPipeline` call on the CPU runs with
+  one intra-op thread (restored afterwards), unless the threads were chosen;
 * ``INSIGHTEDIT_THREADS=N`` sets N intra-op threads everywhere; ``INSIGHTEDIT_THREADS=off`` leaves
   torch and OpenMP exactly as they are; ``OMP_NUM_THREADS`` set by the user is always respected, and
   so is a count set with ``torch.set_num_threads`` before an edit.
@@ -67,6 +72,9 @@ def prepare_environment(environ: MutableMapping[str, str] | None = None) -> dict
     if isinstance(requested, int):
         changes["OMP_NUM_THREADS"] = str(requested)
         changes["MKL_NUM_THREADS"] = str(requested)
+    elif not environ.get("OMP_NUM_THREADS"):  # nothing chosen: one intra-op thread (module docstring)
+        changes["OMP_NUM_THREADS"] = "1"
+        changes["MKL_NUM_THREADS"] = "1"
     environ.update(changes)
     return changes
 
@@ -74,15 +82,6 @@ def prepare_environment(environ: MutableMapping[str, str] | None = None) -> dict
 def configure_threads() -> dict[str, str]:
     """What the ``insightedit`` command calls first: :func:`prepare_environment` on ``os.environ``."""
     return prepare_environment()
-
-
-def spinning_waits(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether libgomp in this process spins: no wait variable set, or ``OMP_WAIT_POLICY=ACTIVE``."""
-    environ = os.environ if environ is None else environ
-    policy = environ.get("OMP_WAIT_POLICY", "").strip().lower()
-    if policy in ("active", "true"):
-        return True
-    return not policy and not environ.get("GOMP_SPINCOUNT")
 
 
 def default_thread_count() -> int:
@@ -100,7 +99,7 @@ def threads_for_cpu_call(current: int, environ: Mapping[str, str] | None = None)
         return requested
     if environ.get("OMP_NUM_THREADS") or current != default_thread_count():
         return None  # the user chose
-    return 1 if spinning_waits(environ) and current > 1 else None
+    return 1 if current > 1 else None
 
 
 @contextmanager

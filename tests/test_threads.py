@@ -42,13 +42,16 @@ def run_child(code: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=child_env(**extra), capture_output=True, text=True)
 
 
-def test_prepare_environment_sets_passive_waits_and_keeps_what_the_user_set(monkeypatch):
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_prepare_environment_sets_one_thread_passive_waits_and_keeps_what_the_user_set(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch")  # as if torch had not loaded yet (restored after the test)
     env: dict[str, str] = {}
-    assert threads.prepare_environment(env) == {"OMP_WAIT_POLICY": "PASSIVE"} == env
+    assert threads.prepare_environment(env) == {"OMP_WAIT_POLICY": "PASSIVE", **ONE_THREAD} == env
     for user in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}):
         env = dict(user)
-        assert threads.prepare_environment(env) == {} and env == user
+        assert threads.prepare_environment(env) == ONE_THREAD and env == {**user, **ONE_THREAD}
     env = {"OMP_NUM_THREADS": "2"}
     threads.prepare_environment(env)
     assert env == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}  # the user's count stays
@@ -71,7 +74,7 @@ def test_a_bad_thread_count_is_a_user_error(value):
         threads.requested_threads({"INSIGHTEDIT_THREADS": value})
 
 
-def test_cpu_call_uses_one_thread_while_openmp_spins_and_restores_the_count(clean_env):
+def test_cpu_call_uses_one_thread_unless_chosen_and_restores_the_count(clean_env):
     with threads.cpu_call_threads("cpu") as chosen:
         assert chosen == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == MANY
@@ -82,8 +85,7 @@ def test_cpu_call_uses_one_thread_while_openmp_spins_and_restores_the_count(clea
 @pytest.mark.parametrize(
     ("variables", "count", "inside"),
     [
-        ({"OMP_WAIT_POLICY": "PASSIVE"}, MANY, MANY),  # no spinning: keep torch's count
-        ({"GOMP_SPINCOUNT": "0"}, MANY, MANY),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, MANY, 1),  # waits do not choose a count: one thread
         ({"OMP_NUM_THREADS": str(MANY)}, MANY, MANY),  # the user chose the count
         ({}, MANY + 1, MANY + 1),  # ... with torch.set_num_threads
         ({"INSIGHTEDIT_THREADS": "3"}, MANY, 3),  # ours wins over everything
@@ -110,16 +112,18 @@ def test_edit_pipeline_calls_run_under_the_settings(clean_env):
     assert seen == [1, 2] and torch.get_num_threads() == MANY
 
 
-def test_the_cli_sets_passive_waits_before_torch_loads():
+def test_the_cli_sets_one_thread_and_passive_waits_before_torch_loads():
     code = (
         "import json, os, sys; from insightedit.cli import main; main(['no-such-command']);"
         "loaded = 'torch' in sys.modules; import torch;"
         "print(json.dumps([loaded, os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads()]))"
     )
     loaded, policy, count = json.loads(run_child(code).stdout.splitlines()[-1])
-    assert (loaded, policy, count) == (False, "PASSIVE", threads.default_thread_count())
-    _, policy, count = json.loads(run_child(code, INSIGHTEDIT_THREADS="1").stdout.splitlines()[-1])
-    assert (policy, count) == ("PASSIVE", 1)
+    assert (loaded, policy, count) == (False, "PASSIVE", 1)
+    _, policy, count = json.loads(run_child(code, INSIGHTEDIT_THREADS="2").stdout.splitlines()[-1])
+    assert (policy, count) == ("PASSIVE", 2)
+    _, policy, count = json.loads(run_child(code, OMP_NUM_THREADS="2").stdout.splitlines()[-1])
+    assert (policy, count) == ("PASSIVE", 2)  # the user's count stays
 
 
 @pytest.mark.parametrize(
