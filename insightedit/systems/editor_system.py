@@ -93,8 +93,9 @@ class EditorSystem(L.LightningModule):
         self.prediction = PredictSettings.from_config(prediction)
         self._predict_run: PredictionRun | None = None
         sections = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
+        self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)  # reads no weights
         with loads_on_console():  # "generation.pretrained: loaded N tensors from ..."
-            self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)
+            self.editor.load_pretrained()  # what the sections name; FSDP2 shards the loaded model in configure_model
         self.strict_loading = False  # checkpoints hold only trained weights; on_load_checkpoint checks them
         self._carried: set[str] = set()
         self.apply_stage()
