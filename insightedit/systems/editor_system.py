@@ -36,7 +36,8 @@ class EditorSystem(L.LightningModule):
         member: the editor (``instruct_pix2pix``, ``mgie``, ``smartedit``, ``insightedit``,
             ``insightedit_no_iaa``, ``insightedit_no_bim``).
         preset: ``"tiny"`` (CPU twins of everything) or ``"full"`` (LLaVA-1.5-7B, InstructPix2Pix,
-            CLIP ViT-L/14; built on ``meta`` unless the sections name weights).
+            CLIP ViT-L/14; built on ``meta`` unless the sections name weights, which are read right after
+            the editor is built: :meth:`Editor.load_pretrained`).
         stage: 1, 2 or 3: the member's stage (its defaults: ``insightedit zoo --member <name>``).
         stage_settings: overrides of the stage's defaults (``train``, ``loss_weights``, ``use_unet``,
             ``use_bim``, ``learning_rates``).

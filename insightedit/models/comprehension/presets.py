@@ -1,9 +1,11 @@
 """Named presets for the comprehension model: ``full`` (LLaVA-1.5-7B) and its ``tiny`` CPU twin.
 
 ``full`` is ``llava-hf/llava-1.5-7b-hf``'s architecture (CLIP ViT-L/14-336 + a Llama-2-7B-shaped LLM,
-7,063,427,072 parameters): with ``pretrained`` (hub id or local folder) it loads with
-``from_pretrained``; without, it is built on the ``meta`` device (no memory, no download) for parameter
-counts and memory plans. ``tiny`` is a 2-layer CLIP vision tower + 2-layer Llama built from a config
+7,063,427,072 parameters): with ``pretrained`` (hub id or local folder) :func:`build_comprehension`
+builds it on the ``meta`` device from its config and ``ComprehensionModel.load_pretrained`` reads the
+weights (:func:`build_llava` with ``from_pretrained``); without, it stays on ``meta`` (no memory, no
+download) for parameter counts and memory plans. Only a quantized model is read while it is built.
+``tiny`` is a 2-layer CLIP vision tower + 2-layer Llama built from a config
 with a fixed seed, and a tokenizer trained offline; both are saved together in
 ``cache_dir()/tiny-llava-<version>`` so the quantized path can load them with ``from_pretrained``.
 """

@@ -1,9 +1,11 @@
 """Named presets for the generation components: the ``tiny`` twin and the ``full`` InstructPix2Pix model.
 
-Component builders take every size as an argument; the presets only choose the sizes. ``full`` loads
-real weights with ``from_pretrained`` when given a hub id or a local diffusers folder (for example
-``timbrooks/instruct-pix2pix``) and otherwise builds the same architecture on the ``meta`` device, with
-no memory and no download, for parameter counts and memory plans.
+Component builders take every size as an argument; the presets only choose the sizes. Building reads no
+weights: with a hub id or a local diffusers folder (for example ``timbrooks/instruct-pix2pix``) the
+architecture comes from its config files when they are on this machine (else from the preset), and
+:func:`load_generation_weights` reads the weights afterwards (``EditGenerator.load_pretrained``). ``full``
+without weights is built on the ``meta`` device, with no memory and no download, for parameter counts
+and memory plans.
 """
 
 from __future__ import annotations
