@@ -159,5 +159,8 @@ def test_clip_image_encoder_is_frozen_and_loads_local_weights(tmp_path) -> None:
     source = open_clip.CLIP(**TINY_CLIP_CONFIG)
     torch.save(source.state_dict(), tmp_path / "weights.bin")
     loaded = build_clip_image_encoder("insightedit-bridging-test", pretrained=str(tmp_path / "weights.bin"))
+    built = loaded.visual.state_dict()  # construction reads no weights: the tower is a fresh one until loaded
+    assert not all(torch.equal(built[name], tensor) for name, tensor in source.visual.state_dict().items())
+    loaded.load_pretrained()
     for name, tensor in source.visual.state_dict().items():
         assert torch.equal(loaded.visual.state_dict()[name], tensor), name

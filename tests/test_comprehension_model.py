@@ -12,6 +12,7 @@ from insightedit.models.comprehension import build_comprehension, build_llava
 from insightedit.models.comprehension.presets import FULL_PARAMETERS, tiny_llava_config, write_tiny_llava
 from insightedit.models.comprehension.tiny_tokenizer import train_tiny_tokenizer
 from insightedit.models.comprehension.tokens import mean_row
+from insightedit.models.loading import load_pretrained
 
 INSTRUCTIONS = ["Remove the red circle.", "add a blue square in the top left"]
 LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -151,7 +152,10 @@ def test_pretrained_folder_loads_the_same_tiny_model(tmp_path):
     torch.manual_seed(0)
     from_config = build_comprehension("tiny").eval()
     torch.manual_seed(0)
-    from_folder = build_comprehension("tiny", pretrained=str(folder)).eval()
+    from_folder = build_comprehension("tiny", pretrained=str(folder))
+    assert next(from_folder.base_model.parameters()).is_meta  # built from the folder's config, no weight read
+    assert load_pretrained(from_folder) == [""] and load_pretrained(from_folder) == []  # loaded once
+    from_folder.eval()
     with torch.no_grad():
         a = from_config(images(), INSTRUCTIONS)
         b = from_folder(images(), INSTRUCTIONS)
@@ -167,6 +171,7 @@ def test_llava_hf_layout_with_padded_embedding_rows(tmp_path):
     LlavaForConditionalGeneration(config).save_pretrained(str(tmp_path))
     tokenizer.save_pretrained(str(tmp_path))
     model = build_comprehension("tiny", pretrained=str(tmp_path))
+    model.load_pretrained()
     assert model.first_mm_id == len(tokenizer) and model.output_rows.vocab_size == len(tokenizer) + 40
     old_rows = model.input_rows.base.weight.detach().clone()
     assert torch.equal(model.input_rows.new_rows[0], mean_row(old_rows, len(tokenizer), 1)[0])

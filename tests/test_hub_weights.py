@@ -114,12 +114,12 @@ def test_an_unreachable_endpoint_answers_without_retries(monkeypatch):
 
 def test_loaders_say_it_in_one_line_too(empty_cache):
     from insightedit.models.comprehension.presets import build_llava
-    from insightedit.models.generation.presets import build_generation_components
+    from insightedit.models.generation.presets import build_generation_components, load_generation_weights
 
     with pytest.raises(UserError, match=f"comprehension.pretrained={LLAVA};"):
         build_llava("full", LLAVA)
     with pytest.raises(UserError, match=f"generation.pretrained={IP2P};"):
-        build_generation_components("full", IP2P)
+        load_generation_weights(build_generation_components("full", IP2P, device="meta"), IP2P)
     with pytest.raises(UserError, match="export with --include-base"):  # an exported folder naming its base
         require_hub_weights(
             "the LLaVA base in m/model_index.json", LLAVA, "config.json", fix="export with --include-base"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from insightedit.errors import UserError
-from insightedit.models.generation.presets import build_generation_components
+from insightedit.models.generation.presets import build_generation_components, load_generation_weights
 from insightedit.models.loads import LOADS_LOGGER
 from insightedit.systems.editor_system import EditorSystem
 from insightedit.training.run_folder import check_fresh_run_folders, previous_run_files, resumes_this_run
@@ -87,7 +87,9 @@ def test_generation_pretrained_reports_how_many_unet_tensors_it_loaded(tmp_path,
     path = tmp_path / "stand_in.ckpt"
     torch.save({"state_dict": state}, path)
     caplog.set_level(logging.INFO, logger=LOADS_LOGGER)
-    build_generation_components("tiny", pretrained=str(path), with_text_encoder=False)
+    components = build_generation_components("tiny", pretrained=str(path), with_text_encoder=False)
+    assert caplog.messages == []  # construction reads no weights; the load step does
+    load_generation_weights(components, str(path))
     assert caplog.messages == [f"generation.pretrained: loaded {len(state)} tensors from {path} (the UNet)"]
 
 

@@ -113,6 +113,16 @@ class Editor(nn.Module):
         """Assemble the editor from its parts and options (what :meth:`parts` and :meth:`options` give)."""
         return cls(**parts, **options)
 
+    def load_pretrained(self) -> list[str]:
+        """Read the weights the parts' configs name (``pretrained``, ``clip_pretrained``); return the parts loaded.
+
+        The constructor reads none (a full-size editor builds on ``meta`` at once); this is the separate
+        step (:func:`insightedit.models.loading.load_pretrained`). Parts already loaded are skipped.
+        """
+        from insightedit.models.loading import load_pretrained
+
+        return load_pretrained(self)
+
     def persistent_buffers(self) -> set[str]:
         """Names (in this editor) of buffers drawn at build time that a checkpoint must keep."""
         return set()

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from insightedit.models.bridging.presets import build_bridging
+from insightedit.models.loading import load_pretrained
 
 TRAINED_GROUPS = ("qformer", "mapper")
 
@@ -67,6 +68,7 @@ class BridgingModule(L.LightningModule):
             use_bim=False,
             clip_pretrained=clip_pretrained,
         )
+        load_pretrained(self.model)  # the CLIP weights ``clip_pretrained`` names, after the build
         self.model.bim.requires_grad_(False)
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from insightedit.models.comprehension import ComprehensionOutput, build_comprehension
+from insightedit.models.loading import load_pretrained
 
 
 class ComprehensionModule(L.LightningModule):
@@ -63,6 +64,7 @@ class ComprehensionModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             dtype=dtype,
         )
+        load_pretrained(self.model)  # the weights ``pretrained`` names, after the build
 
     def forward(
         self, pixel_values: torch.Tensor, instructions: list[str], compute_loss: bool = True

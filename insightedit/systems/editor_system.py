@@ -36,7 +36,8 @@ class EditorSystem(L.LightningModule):
         member: the editor (``instruct_pix2pix``, ``mgie``, ``smartedit``, ``insightedit``,
             ``insightedit_no_iaa``, ``insightedit_no_bim``).
         preset: ``"tiny"`` (CPU twins of everything) or ``"full"`` (LLaVA-1.5-7B, InstructPix2Pix,
-            CLIP ViT-L/14; built on ``meta`` unless the sections name weights).
+            CLIP ViT-L/14; built on ``meta`` unless the sections name weights, which are read right after
+            the editor is built: :meth:`Editor.load_pretrained`).
         stage: 1, 2 or 3: the member's stage (its defaults: ``insightedit zoo --member <name>``).
         stage_settings: overrides of the stage's defaults (``train``, ``loss_weights``, ``use_unet``,
             ``use_bim``, ``learning_rates``).
@@ -93,8 +94,9 @@ class EditorSystem(L.LightningModule):
         self.prediction = PredictSettings.from_config(prediction)
         self._predict_run: PredictionRun | None = None
         sections = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
+        self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)  # reads no weights
         with loads_on_console():  # "generation.pretrained: loaded N tensors from ..."
-            self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)
+            self.editor.load_pretrained()  # what the sections name; FSDP2 shards the loaded model in configure_model
         self.strict_loading = False  # checkpoints hold only trained weights; on_load_checkpoint checks them
         self._carried: set[str] = set()
         self.apply_stage()

@@ -72,6 +72,7 @@ class GenerationModule(L.LightningModule):
         self.weight_decay = weight_decay
         del arguments["learning_rate"], arguments["weight_decay"]
         self.model = EditGenerator(**arguments)
+        self.model.load_pretrained()  # the weights ``pretrained`` names, after the build
 
     def _text_condition(self, batch: dict[str, Any]) -> torch.Tensor:
         if "text_embeds" in batch:

@@ -22,6 +22,7 @@ from torch import nn
 from insightedit.errors import UserError
 from insightedit.hub_weights import check_hub_weights, clip_hub_weights
 from insightedit.models.bridging.qformer import full_attention_mask
+from insightedit.models.loading import PretrainedPart, assign_or_copy
 from insightedit.models.loads import report_loaded
 
 
@@ -50,7 +51,7 @@ class Mapper(nn.Module):
         return self.mlp(self.norm(masked_mean(h, mm_mask)))  # (B, D_clip)
 
 
-class ClipImageEncoder(nn.Module):
+class ClipImageEncoder(PretrainedPart, nn.Module):
     """The frozen image tower of an open_clip model: CLIP-normalised pixels (B, 3, S, S) -> (B, D_clip).
 
     Only ``visual`` is kept (the text tower is dropped). It never trains: its parameters do not require
@@ -69,6 +70,36 @@ class ClipImageEncoder(nn.Module):
         size = getattr(visual, "image_size", 224)
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.embed_dim = int(getattr(visual, "output_dim", 0))
+        self.load_options: dict[str, Any] = {}  # with ``pretrained``: open_clip's model name and settings
+
+    @torch.no_grad()
+    def load_pretrained(self) -> None:
+        """Read the CLIP weights ``pretrained`` names (a local file or an open_clip tag) into the image tower."""
+        if self.pretrained is None:
+            return
+        model, quick_gelu, cache_dir = (self.load_options[k] for k in ("model", "quick_gelu", "cache_dir"))
+        hub = clip_hub_weights("bridging.clip_pretrained", self.pretrained, model)
+        if hub is not None:
+            check_hub_weights([hub])  # one line naming the hub repo, not open_clip's retries
+        try:
+            clip = open_clip.create_model(
+                model,
+                pretrained=self.pretrained,
+                device="cpu",
+                force_quick_gelu=quick_gelu,
+                cache_dir=cache_dir,
+                require_pretrained=True,
+            )
+        except RuntimeError as error:
+            raise UserError(
+                f"could not load CLIP weights {self.pretrained!r} for {model!r} (no network here? give a local "
+                f"checkpoint file): {error}"
+            ) from error
+        state = clip.visual.state_dict()
+        assign_or_copy(self.visual, state)
+        self.visual.requires_grad_(False)
+        report_loaded("bridging.clip_pretrained", len(state), self.pretrained, f"CLIP {model}'s image tower")
+        self.pretrained_loaded = True
 
     def train(self, mode: bool = True) -> ClipImageEncoder:
         """Stay in eval mode whatever is asked (the target encoder is frozen)."""
@@ -115,8 +146,8 @@ def build_clip_image_encoder(
         model: an open_clip model name (``"ViT-L-14"``), built with ``open_clip.create_model``, or a model
             config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) built with ``open_clip.CLIP``.
         pretrained: ``None`` (random init, nothing loaded or downloaded), a local checkpoint file, or an
-            open_clip tag such as ``"openai"`` (open_clip fetches it unless it is in ``cache_dir``). Not
-            allowed with a config dict.
+            open_clip tag such as ``"openai"`` (open_clip fetches it unless it is in ``cache_dir``), read by
+            the encoder's ``load_pretrained`` (nothing is read here). Not allowed with a config dict.
         quick_gelu: use QuickGELU, as OpenAI's CLIP weights require.
         normalize: L2-normalise embeddings (see :class:`ClipImageEncoder`).
         device: where to build; ``"meta"`` builds shapes only.
@@ -131,27 +162,11 @@ def build_clip_image_encoder(
             clip = open_clip.CLIP(**config)
     else:
         resolved = _resolve_pretrained(model, pretrained) if pretrained is not None else None
-        hub = clip_hub_weights("bridging.clip_pretrained", resolved, model) if resolved is not None else None
-        if hub is not None:
-            check_hub_weights([hub])  # one line naming the hub repo, not open_clip's retries
-        try:
-            with target:
-                clip = open_clip.create_model(
-                    model,
-                    pretrained=resolved,
-                    device=target,
-                    force_quick_gelu=quick_gelu,
-                    cache_dir=cache_dir,
-                    require_pretrained=resolved is not None,
-                )
-        except RuntimeError as error:
-            if resolved is None:
-                raise
-            raise UserError(
-                f"could not load CLIP weights {pretrained!r} for {model!r} (no network here? give a local "
-                f"checkpoint file): {error}"
-            ) from error
+        with target:  # the architecture only: the weights are read by ``load_pretrained``
+            clip = open_clip.create_model(model, device=target, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
         if resolved is not None:
-            tower = f"CLIP {model}'s image tower"
-            report_loaded("bridging.clip_pretrained", len(clip.visual.state_dict()), resolved, tower)
+            encoder = ClipImageEncoder(clip.visual, normalize=normalize)
+            encoder.pretrained = resolved
+            encoder.load_options = {"model": model, "quick_gelu": quick_gelu, "cache_dir": cache_dir}
+            return encoder
     return ClipImageEncoder(clip.visual, normalize=normalize)

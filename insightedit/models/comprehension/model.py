@@ -33,8 +33,10 @@ from insightedit.models.comprehension.tokens import (
     NewRowsHead,
     add_mm_tokens,
     install_mm_rows,
+    mean_row,
     mm_token_names,
 )
+from insightedit.models.loading import PretrainedPart
 
 MM_ROWS_FILE = "mm_embeddings.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -50,7 +52,7 @@ class ComprehensionOutput:
     mm_rows: torch.Tensor | None = None  # (B, r, d_llm) the [MM] tokens' input embeddings, when asked for
 
 
-class ComprehensionModel(nn.Module):
+class ComprehensionModel(PretrainedPart, nn.Module):
     """LLaVA with r [MM] tokens and LoRA on its language model: (image, instruction) -> ``h``.
 
     Args:
@@ -107,18 +109,98 @@ class ComprehensionModel(nn.Module):
         if gradient_checkpointing:
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         with_cls = int(config.vision_feature_select_strategy == "full")  # the projector then keeps CLS too
-        self.prompts = (
-            PromptEncoder(
-                tokenizer,
-                self.mm_tokens,
-                config.image_token_id,
-                grid * grid + with_cls,
-                max_length=int(config.text_config.max_position_embeddings),
-            )
-            if tokenizer is not None
-            else None
-        )
+        self._image_token_id = int(config.image_token_id)
+        self._image_positions = grid * grid + with_cls
+        self._max_length = int(config.text_config.max_position_embeddings)
+        self.prompts = self._prompt_encoder(tokenizer) if tokenizer is not None else None
+        self.load_options: dict[str, Any] = {}  # set with ``pretrained`` by the builder: build_llava's arguments
         self.train()  # from_pretrained leaves models in eval mode; a fresh module starts in train mode
+
+    def _prompt_encoder(self, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
+        return PromptEncoder(
+            tokenizer, self.mm_tokens, self._image_token_id, self._image_positions, max_length=self._max_length
+        )
+
+    # ---------------------------------------------------------------------------------------- loading
+    @torch.no_grad()
+    def load_pretrained(self) -> None:
+        """Read the LLaVA weights ``pretrained`` names into this model (built from its config, on ``meta``).
+
+        The base's tensors are taken as loaded (their dtype and device); the [MM] rows start again from
+        the mean of the loaded rows and LoRA from its initialisation, as when LLaVA was loaded first.
+        """
+        if self.pretrained is None:
+            return
+        from insightedit.models.comprehension.presets import build_llava  # the presets build this class
+
+        base = build_llava(pretrained=self.pretrained, **self.load_options)
+        llava, tokenizer = base.model, base.tokenizer
+        self._take_base_weights(llava)
+        if self.tokenizer is None and tokenizer is not None:
+            first = add_mm_tokens(tokenizer, self.num_mm_tokens)
+            if first != self.first_mm_id:
+                raise ValueError(f"comprehension.pretrained: [MM0] is id {first} in {self.pretrained}'s tokenizer, "
+                                 f"the model was built for {self.first_mm_id}")
+            self.tokenizer = tokenizer
+            self.prompts = self._prompt_encoder(tokenizer)
+        self._restart_new_weights()
+        self.pretrained_loaded = True
+
+    def _take_base_weights(self, llava: LlavaForConditionalGeneration) -> None:
+        """Put ``llava``'s tensors in place of this model's base tensors (under the [MM] and LoRA wrappers)."""
+        ours = dict(self.base_model.named_modules())
+        taken: dict[int, nn.Parameter] = {}  # tied tensors stay one parameter
+        named = [*llava.named_parameters(remove_duplicate=False), *llava.named_buffers(remove_duplicate=False)]
+        for name, tensor in named:
+            path, _, leaf = name.rpartition(".")
+            module = next(
+                (ours[c] for c in (path, f"{path}.base_layer", f"{path}.base")
+                 if c in ours and (leaf in ours[c]._parameters or leaf in ours[c]._buffers)),
+                None,
+            )
+            if module is None:
+                raise ValueError(f"comprehension.pretrained: {name} has no place in the model built from the config")
+            is_parameter = leaf in module._parameters
+            own = module._parameters[leaf] if is_parameter else module._buffers[leaf]
+            if own is not None and own.shape != tensor.shape:
+                raise ValueError(f"comprehension.pretrained: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model built from the config {tuple(own.shape)}")
+            if is_parameter:
+                if id(tensor) not in taken:
+                    taken[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=False)
+                module._parameters[leaf] = taken[id(tensor)]
+            else:
+                module._buffers[leaf] = tensor
+        left = [name for name, p in self.base_model.named_parameters()
+                if p.is_meta and "lora_" not in name and not name.endswith("new_rows")]
+        if left:
+            raise ValueError(f"comprehension.pretrained: {self.pretrained} lacks {len(left)} weights, e.g. {left[:3]}")
+
+    def _restart_new_weights(self) -> None:
+        """The [MM] rows from the loaded rows' mean; LoRA matrices still on ``meta`` initialised as peft does."""
+        from peft.tuners.lora import LoraLayer
+
+        embedding, head = self.input_rows, self.output_rows
+        tied = head.new_rows is embedding.new_rows
+        old = min(embedding.first_id, embedding.base.num_embeddings)
+        embedding.new_rows = nn.Parameter(mean_row(embedding.base.weight, old, embedding.num_new))
+        if tied:
+            head.new_rows = embedding.new_rows
+        else:
+            weight = cast(torch.Tensor, head.base.weight)
+            rows = mean_row(weight, min(head.first_id, int(weight.shape[0])), head.num_new)
+            head.new_rows = nn.Parameter(rows)
+        init = self.llava.peft_config["default"].init_lora_weights if isinstance(self.llava, PeftModel) else True
+        for module in self.llava.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            device = module.get_base_layer().weight.device
+            for adapter in list(module.lora_A):
+                if module.lora_A[adapter].weight.is_meta:
+                    module.lora_A[adapter].to_empty(device=device)
+                    module.lora_B[adapter].to_empty(device=device)
+                    with torch.enable_grad():
+                        module.reset_lora_parameters(adapter, init)
 
     @property
     def base_model(self) -> LlavaForConditionalGeneration:

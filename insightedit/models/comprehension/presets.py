@@ -1,9 +1,11 @@
 """Named presets for the comprehension model: ``full`` (LLaVA-1.5-7B) and its ``tiny`` CPU twin.
 
 ``full`` is ``llava-hf/llava-1.5-7b-hf``'s architecture (CLIP ViT-L/14-336 + a Llama-2-7B-shaped LLM,
-7,063,427,072 parameters): with ``pretrained`` (hub id or local folder) it loads with
-``from_pretrained``; without, it is built on the ``meta`` device (no memory, no download) for parameter
-counts and memory plans. ``tiny`` is a 2-layer CLIP vision tower + 2-layer Llama built from a config
+7,063,427,072 parameters): with ``pretrained`` (hub id or local folder) :func:`build_comprehension`
+builds it on the ``meta`` device from its config and ``ComprehensionModel.load_pretrained`` reads the
+weights (:func:`build_llava` with ``from_pretrained``); without, it stays on ``meta`` (no memory, no
+download) for parameter counts and memory plans. Only a quantized model is read while it is built.
+``tiny`` is a 2-layer CLIP vision tower + 2-layer Llama built from a config
 with a fixed seed, and a tokenizer trained offline; both are saved together in
 ``cache_dir()/tiny-llava-<version>`` so the quantized path can load them with ``from_pretrained``.
 """
@@ -234,12 +236,19 @@ def build_comprehension(
     """Build the comprehension model of ``preset``: LLaVA + r [MM] tokens + LoRA (rank 0: no LoRA).
 
     ``full`` without ``pretrained`` is built entirely on the ``meta`` device (counting and planning only).
+    With ``pretrained`` the LLaVA is built on ``meta`` from its config (:func:`llava_architecture`) and the
+    weights are read by ``model.load_pretrained()``; only a quantized model is read here (bitsandbytes
+    quantizes while loading).
     ``dtype`` (e.g. ``"bfloat16"``) is the load dtype of ``pretrained`` weights and bitsandbytes' compute
     dtype; by default the checkpoint's own dtype (float32 on CPU for 4-bit compute).
     """
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
-    base = build_llava(preset, pretrained, quantization, dtype, device)
+    deferred = pretrained is not None and quantization is None  # bitsandbytes quantizes while it reads
+    if deferred:
+        base = llava_architecture(preset, str(pretrained))
+    else:
+        base = build_llava(preset, pretrained, quantization, dtype, device)
     lora = None
     if lora_rank > 0:
         lora = LoraConfig(
@@ -251,7 +260,7 @@ def build_comprehension(
         )
     on_meta = next(base.model.parameters()).is_meta
     with torch.device("meta") if on_meta else torch.device(next(base.model.parameters()).device):
-        return ComprehensionModel(
+        model = ComprehensionModel(
             base.model,
             base.tokenizer,
             num_mm_tokens=num_mm_tokens,
@@ -260,3 +269,37 @@ def build_comprehension(
             quantized=quantization is not None,
             first_mm_id=base.first_mm_id,
         )
+    if deferred:  # read by model.load_pretrained() (insightedit.models.loading.load_pretrained)
+        model.pretrained = pretrained
+        model.load_options = {"preset": preset, "dtype": dtype, "device": device}
+    return model
+
+
+def llava_architecture(preset: str, source: str) -> LlavaBase:
+    """``source``'s LLaVA built on ``meta`` from its config, and its tokenizer, without reading a weight.
+
+    The config and tokenizer are read from a local folder or the hub cache (never downloaded); a hub id
+    not on this machine is built from the preset's config (``full``: llava-1.5-7b-hf's) and its tokenizer
+    comes with the weights (:meth:`ComprehensionModel.load_pretrained`).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    try:
+        config: LlavaConfig | None = LlavaConfig.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not on this machine
+        config = None
+    try:
+        tokenizer: PreTrainedTokenizerBase | None = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not on this machine: the load step reads it
+        tokenizer = None
+    if config is None:
+        if preset == "full":
+            config = full_llava_config()
+        else:
+            config = tiny_llava_config(AutoTokenizer.from_pretrained(str(tiny_llava_dir())))
+    first_mm_id = None
+    if tokenizer is None:  # [MM0] follows the tokenizer's last id (checked when the tokenizer is read)
+        first_mm_id = FULL_TOKENIZER_LENGTH if preset == "full" else int(config.text_config.vocab_size)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return LlavaBase(model, tokenizer, first_mm_id)

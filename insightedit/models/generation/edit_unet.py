@@ -111,11 +111,24 @@ class EditUNet(nn.Module):
                 num_tokens=(self.num_image_tokens,),
                 scale=self._image_scale,
             ).to(device=attention.to_k.weight.device, dtype=attention.to_k.weight.dtype)
-            with torch.no_grad():
-                ip.to_k_ip[0].weight.copy_(attention.to_k.weight)
-                ip.to_v_ip[0].weight.copy_(attention.to_v.weight)
             processors[name] = ip
         self.unet.set_attn_processor(processors)
+        self.reset_image_branch()
+
+    @torch.no_grad()
+    def reset_image_branch(self) -> None:
+        """Set every ``to_k_ip``/``to_v_ip`` to its layer's text ``to_k``/``to_v`` (again after the UNet is loaded).
+
+        The image projection keeps its values. Without an image branch, nothing happens.
+        """
+        modules = dict(self.unet.named_modules())
+        for name, ip in self.image_processors().items():
+            attention = modules[name.removesuffix(".processor")]
+            for own, text in ((ip.to_k_ip[0], attention.to_k), (ip.to_v_ip[0], attention.to_v)):
+                if own.weight.is_meta and not text.weight.is_meta:  # built on meta, the UNet loaded since
+                    own.weight = nn.Parameter(text.weight.detach().clone(), requires_grad=own.weight.requires_grad)
+                else:
+                    own.weight.copy_(text.weight)
 
     def image_processors(self) -> dict[str, IPAdapterAttnProcessor2_0]:
         """The decoupled cross-attention processors by name (empty without an image branch)."""

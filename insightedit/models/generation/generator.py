@@ -26,19 +26,26 @@ from torch import nn
 
 from insightedit.models.generation.edit_unet import EditUNet
 from insightedit.models.generation.latent_space import PixelUnshuffleLatentSpace, VaeLatentSpace
-from insightedit.models.generation.presets import build_generation_components
+from insightedit.models.generation.presets import (
+    GenerationComponents,
+    build_generation_components,
+    load_generation_weights,
+)
 from insightedit.models.generation.sampling import sample_with_dual_guidance
+from insightedit.models.loading import PretrainedPart
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 GENERATION_CONFIG = "generation_config.json"
 
 
-class EditGenerator(nn.Module):
+class EditGenerator(PretrainedPart, nn.Module):
     """InstructPix2Pix's UNet with InsightEdit's decoupled cross-attention and ``v_txt``, and its loss.
 
     Args:
         preset: ``"tiny"`` (CPU twin) or ``"full"`` (InstructPix2Pix's SD1.5 UNet).
-        pretrained: hub id or local folder with weights (see :func:`build_generation_components`).
+        pretrained: hub id, local folder or ``.ckpt`` with weights (see :func:`build_generation_components`);
+            built from its config here, read by :meth:`load_pretrained` (or
+            :func:`insightedit.models.loading.load_pretrained` on the editor).
         image_embed_dim: IAA embedding width (``None``: preset default; ``0``: no image branch).
         num_image_tokens: N image tokens in ``f_img``.
         image_scale: λ, the image branch's weight (changeable later via ``unet.image_scale``).
@@ -102,10 +109,26 @@ class EditGenerator(nn.Module):
         self.noise_scheduler: DDPMScheduler = components.noise_scheduler
         self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         self.text_encoder = components.text_encoder
+        self.pretrained = pretrained
         self.register_buffer("null_f_txt", self._null_text_condition(), persistent=True)
         if gradient_checkpointing:
             self.unet.unet.enable_gradient_checkpointing()
         self.set_trainable(train_unet=train_unet, train_image_branch=train_image_branch)
+
+    def load_pretrained(self) -> None:
+        """Read the weights ``pretrained`` names into this generator (the schedule and tokenizer too, from a folder)."""
+        if self.pretrained is None:
+            return
+        trainable = {name: p.requires_grad for name, p in self.named_parameters()}
+        components = GenerationComponents(self.unet, self.latent_space, self.noise_scheduler, self.text_encoder)
+        loaded = load_generation_weights(components, self.pretrained)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        self.noise_scheduler = loaded.noise_scheduler
+        self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        self.null_f_txt = self._null_text_condition().to(self.null_f_txt.dtype)
+        for name, parameter in self.named_parameters():  # what trains is the constructor's choice
+            parameter.requires_grad_(trainable.get(name, parameter.requires_grad))
+        self.pretrained_loaded = True
 
     # ----------------------------------------------------------------------------------- structure
     def _null_text_condition(self) -> torch.Tensor:
@@ -282,7 +305,9 @@ class EditGenerator(nn.Module):
         hparams.pop("device", None)
         for trainer_only in ("learning_rate", "weight_decay"):  # folders written by GenerationModule before
             hparams.pop(trainer_only, None)
-        return cls(**hparams, pretrained=str(directory))
+        generator = cls(**hparams, pretrained=str(directory))
+        generator.load_pretrained()
+        return generator
 
 
 __all__ = ["GENERATION_CONFIG", "PREDICTION_TYPES", "EditGenerator"]

@@ -1,14 +1,18 @@
 """Named presets for the generation components: the ``tiny`` twin and the ``full`` InstructPix2Pix model.
 
-Component builders take every size as an argument; the presets only choose the sizes. ``full`` loads
-real weights with ``from_pretrained`` when given a hub id or a local diffusers folder (for example
-``timbrooks/instruct-pix2pix``) and otherwise builds the same architecture on the ``meta`` device, with
-no memory and no download, for parameter counts and memory plans.
+Component builders take every size as an argument; the presets only choose the sizes. Building reads no
+weights: with a hub id or a local diffusers folder (for example ``timbrooks/instruct-pix2pix``) the
+architecture comes from its config files when they are on this machine (else from the preset), and
+:func:`load_generation_weights` reads the weights afterwards (``EditGenerator.load_pretrained``). ``full``
+without weights is built on the ``meta`` device, with no memory and no download, for parameter counts
+and memory plans.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +23,9 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from insightedit.hub_weights import DIFFUSERS_FILE, require_hub_weights
-from insightedit.models.generation.edit_unet import EDIT_UNET_CONFIG, EditUNet
+from insightedit.models.generation.edit_unet import EDIT_UNET_CONFIG, EditUNet, widen_conv_in
 from insightedit.models.generation.latent_space import LatentSpace, PixelUnshuffleLatentSpace, VaeLatentSpace
+from insightedit.models.loading import assign_or_copy
 from insightedit.models.loads import report_loaded
 from insightedit.models.text_encoder import FrozenTextEncoder, tiny_clip_text_config, tiny_clip_tokenizer
 from insightedit.training.safe_load import load_checkpoint
@@ -116,8 +121,8 @@ def load_unet_from_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
     InstructPix2Pix member trained with its ``tiny/instruct_pix2pix.yaml``) or a ``GenerationModule``'s
     (``model.unet.unet.*``, or ``unet.unet.*`` from before the zoo). This is how a tiny twin starts from
     its own InstructPix2Pix stand-in, as the full system starts from ``timbrooks/instruct-pix2pix``. An
-    image branch in the checkpoint is left out (the members that have one initialise it from the UNet's
-    ``to_k``/``to_v``).
+    image branch, in the checkpoint or in ``unet``, is left out (the members that have one initialise it
+    from the UNet's ``to_k``/``to_v`` after this load).
     """
     if not path.is_file():
         raise FileNotFoundError(f"generation.pretrained: checkpoint {path} not found")
@@ -132,7 +137,8 @@ def load_unet_from_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
         raise ValueError(f"generation.pretrained: {path} holds no UNet weights ({', '.join(UNET_PREFIXES)}*)")
     image_branch = [k for k in weights if ".processor." in k]  # the image branch's to_k_ip/to_v_ip
     weights = {k: v for k, v in weights.items() if ".processor." not in k}
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    missing, unexpected = assign_or_copy(unet, weights, strict=False)
+    missing = [k for k in missing if ".processor." not in k]
     if missing or unexpected:
         raise ValueError(
             f"generation.pretrained: {path} does not fit this UNet config "
@@ -140,6 +146,27 @@ def load_unet_from_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
         )
     left_out = f"{len(image_branch)} image-branch tensors left out" if image_branch else ""
     report_loaded("generation.pretrained", len(weights), path, f"the UNet; {left_out}" if left_out else "the UNet")
+
+
+def _source_kind(pretrained: str | None) -> str:
+    """``"none"``, ``"checkpoint"`` (a ``.ckpt``), ``"ours"`` (a ``save_pretrained`` folder) or ``"diffusers"``."""
+    if pretrained is None:
+        return "none"
+    if Path(pretrained).suffix == ".ckpt":
+        return "checkpoint"
+    if (Path(pretrained) / EDIT_UNET_CONFIG).is_file():
+        return "ours"
+    return "diffusers"
+
+
+def _local_config(kind: Any, source: str, name: str) -> dict[str, Any] | None:
+    """Component ``name``'s config from a local folder or the hub cache (never the network); ``None`` if absent."""
+    try:
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
+            warnings.simplefilter("ignore", UserWarning)
+            return dict(kind.load_config(**_subfolder(source, name), local_files_only=True))
+    except Exception:  # noqa: BLE001 - not on this machine: the preset's config stands in until the load step
+        return None
 
 
 def build_generation_components(
@@ -153,13 +180,17 @@ def build_generation_components(
     with_text_encoder: bool = True,
     device: str | torch.device | None = None,
 ) -> GenerationComponents:
-    """Build the UNet, latent space, DDPM schedule and text encoder of ``preset``.
+    """Build the UNet, latent space, DDPM schedule and text encoder of ``preset``; no weights are read.
+
+    The architecture comes from the preset, or from ``pretrained``'s config files when they are on this
+    machine (a local folder, or the hub cache: never a download); :func:`load_generation_weights` then
+    reads the weights.
 
     Args:
         preset: ``"tiny"`` or ``"full"``.
-        pretrained: a hub id or local diffusers pipeline folder to load weights from (``full``), a
-            folder written by ``save_pretrained`` (either preset), or a Lightning checkpoint (``.ckpt``) of a
-            text-conditioned ``GenerationModule`` whose UNet fits ``unet_config``. ``None`` builds from the config.
+        pretrained: a hub id or local diffusers pipeline folder (``full``), a folder written by
+            ``save_pretrained`` (either preset), or a Lightning checkpoint (``.ckpt``) of a
+            text-conditioned ``GenerationModule`` whose UNet fits ``unet_config``. ``None``: no weights.
         image_embed_dim: width of the IAA embedding projected to ``f_img``; ``None`` means 768 for
             ``full``, 32 for ``tiny``; ``0`` builds no image branch (plain InstructPix2Pix).
         unet_config: overrides of the preset's UNet config (tiny twins of other sizes).
@@ -172,41 +203,81 @@ def build_generation_components(
         image_embed_dim = 768 if preset == "full" else 32
     if preset == "full" and pretrained is None and device is None:
         device = "meta"
-    context = torch.device(device) if device is not None else torch.device("cpu")
+    context = torch.device(device) if device is not None else torch.get_default_device()
+    kind = _source_kind(pretrained)
+    folder = pretrained if kind in ("ours", "diffusers") else None
+    config = dict(FULL_UNET_CONFIG if preset == "full" else TINY_UNET_CONFIG)
+    config.update(unet_config or {})
+    scheduler_config = dict(STABLE_DIFFUSION_SCHEDULER)
+    if folder is not None:
+        config = _local_config(UNet2DConditionModel, folder, "unet") or config
+        scheduler_config = _local_config(DDPMScheduler, folder, "scheduler") or scheduler_config
+    if kind == "ours":  # a folder we wrote: the UNet comes with its image branch, whatever the arguments say
+        branch = json.loads((Path(str(pretrained)) / EDIT_UNET_CONFIG).read_text())
+        image_embed_dim = branch.get("image_embed_dim") or 0
+        num_image_tokens = int(branch.get("num_image_tokens", num_image_tokens))
+        image_scale = float(branch.get("image_scale", image_scale))
     # the tiny twin's frozen parts (text encoder, VAE) are a fixed "base model": same seed, same weights,
     # so a checkpoint that stores only trained weights restores the whole model
     with context, torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        if pretrained is not None and (Path(pretrained) / EDIT_UNET_CONFIG).is_file():
-            # a folder we wrote: the UNet comes with its image branch, whatever the arguments say
-            edit_unet = EditUNet.from_pretrained(pretrained)
-            scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
-            count = len(edit_unet.state_dict())
-            report_loaded("generation.pretrained", count, pretrained, "the UNet and its image branch")
-        else:
-            from_checkpoint = pretrained is not None and Path(pretrained).suffix == ".ckpt"
-            if pretrained is not None and not from_checkpoint:
-                require_hub_weights("generation.pretrained", pretrained, DIFFUSERS_FILE)  # one line, not retries
-                unet = UNet2DConditionModel.from_pretrained(**_subfolder(pretrained, "unet"))
-                scheduler = DDPMScheduler.from_pretrained(**_subfolder(pretrained, "scheduler"))
-                report_loaded("generation.pretrained", len(unet.state_dict()), pretrained, "the UNet")
-            else:
-                config = dict(FULL_UNET_CONFIG if preset == "full" else TINY_UNET_CONFIG)
-                config.update(unet_config or {})
-                unet = UNet2DConditionModel(**config)
-                scheduler = DDPMScheduler(**STABLE_DIFFUSION_SCHEDULER)
-                if from_checkpoint:  # before the image branch copies to_k / to_v
-                    load_unet_from_checkpoint(unet, Path(str(pretrained)))
-            edit_unet = EditUNet(
-                unet,
-                image_embed_dim=image_embed_dim or None,
-                num_image_tokens=num_image_tokens,
-                image_scale=image_scale,
-            )
-        folder = None if pretrained is None or Path(pretrained).suffix == ".ckpt" else pretrained
+        unet = UNet2DConditionModel.from_config(config)
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+        edit_unet = EditUNet(
+            unet,
+            image_embed_dim=image_embed_dim or None,
+            num_image_tokens=num_image_tokens,
+            image_scale=image_scale,
+        )
         latent_space = _build_latent_space(preset, folder, latent, edit_unet.unet)
         text_encoder = _build_text_encoder(preset, folder) if with_text_encoder else None
     return GenerationComponents(edit_unet, latent_space, scheduler, text_encoder)
+
+
+def load_generation_weights(components: GenerationComponents, pretrained: str) -> GenerationComponents:
+    """Read ``pretrained``'s weights into components built from it (:func:`build_generation_components`).
+
+    The modules are loaded in place; the schedule and the tokenizer come from a folder's files, so the
+    components are returned with them. A hub id whose weights are not on this machine and cannot be
+    downloaded is one :class:`~insightedit.errors.UserError`.
+    """
+    kind = _source_kind(pretrained)
+    edit_unet = components.unet
+    if kind == "checkpoint":
+        load_unet_from_checkpoint(edit_unet.unet, Path(pretrained))
+        edit_unet.reset_image_branch()
+        return components
+    if kind == "ours":  # the UNet with its image branch, as it was saved
+        saved = EditUNet.from_pretrained(pretrained)
+        state = saved.state_dict()
+        assign_or_copy(edit_unet, state)
+        report_loaded("generation.pretrained", len(state), pretrained, "the UNet and its image branch")
+        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    else:
+        require_hub_weights("generation.pretrained", pretrained, DIFFUSERS_FILE)  # one line, not retries
+        plain = UNet2DConditionModel.from_pretrained(**_subfolder(pretrained, "unet"))
+        if plain.config.in_channels == plain.config.out_channels:  # widened as the constructor widened it
+            widen_conv_in(plain, 2 * plain.config.in_channels)
+        state = plain.state_dict()
+        missing, unexpected = assign_or_copy(edit_unet.unet, state, strict=False)
+        missing = [k for k in missing if ".processor." not in k]  # the image branch: initialised below
+        if missing or unexpected:
+            raise ValueError(
+                f"generation.pretrained: {pretrained}'s UNet does not fit the one built from its config "
+                f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+            )
+        edit_unet.reset_image_branch()
+        report_loaded("generation.pretrained", len(state), pretrained, "the UNet")
+        scheduler = DDPMScheduler.from_pretrained(**_subfolder(pretrained, "scheduler"))
+    if isinstance(components.latent_space, VaeLatentSpace):
+        vae = AutoencoderKL.from_pretrained(**_subfolder(pretrained, "vae"))
+        assign_or_copy(components.latent_space.vae, vae.state_dict())
+    text_encoder = components.text_encoder
+    if text_encoder is not None:
+        model = CLIPTextModel.from_pretrained(**_subfolder(pretrained, "text_encoder"))
+        assign_or_copy(text_encoder.model, model.state_dict())
+        text_encoder.tokenizer = CLIPTokenizer.from_pretrained(**_subfolder(pretrained, "tokenizer"))
+    return GenerationComponents(edit_unet, components.latent_space, scheduler, text_encoder)
 
 
 def _build_latent_space(preset: str, pretrained: str | None, latent: str, unet: UNet2DConditionModel) -> LatentSpace:
@@ -219,8 +290,9 @@ def _build_latent_space(preset: str, pretrained: str | None, latent: str, unet: 
         return PixelUnshuffleLatentSpace(factor)
     if latent != "vae":
         raise ValueError(f"unknown latent space {latent!r}; choose auto, vae or pixel_unshuffle")
-    if pretrained is not None:
-        vae = AutoencoderKL.from_pretrained(**_subfolder(pretrained, "vae"))
+    vae_config = _local_config(AutoencoderKL, pretrained, "vae") if pretrained is not None else None
+    if vae_config is not None:
+        vae = AutoencoderKL.from_config(vae_config)
     elif preset == "full":
         vae = AutoencoderKL(**FULL_VAE_CONFIG)
     else:
@@ -238,9 +310,10 @@ def _build_latent_space(preset: str, pretrained: str | None, latent: str, unet: 
 def _build_text_encoder(preset: str, pretrained: str | None) -> FrozenTextEncoder:
     model: nn.Module
     tokenizer: CLIPTokenizer | None
-    if pretrained is not None:
-        model = CLIPTextModel.from_pretrained(**_subfolder(pretrained, "text_encoder"))
-        tokenizer = CLIPTokenizer.from_pretrained(**_subfolder(pretrained, "tokenizer"))
+    text_config = _text_encoder_config(pretrained) if pretrained is not None else None
+    if text_config is not None:
+        model = CLIPTextModel(text_config)
+        tokenizer = _local_tokenizer(pretrained)  # None until the load step when only on the hub
     elif preset == "full":
         model = CLIPTextModel(CLIPTextConfig(**FULL_TEXT_CONFIG))
         tokenizer = None  # SD1.5's vocabulary is not shipped; the meta build only needs the shapes
@@ -248,3 +321,21 @@ def _build_text_encoder(preset: str, pretrained: str | None) -> FrozenTextEncode
         model = CLIPTextModel(tiny_clip_text_config())
         tokenizer = tiny_clip_tokenizer(cache_dir() / "tiny-clip-tokenizer")
     return FrozenTextEncoder(model, tokenizer)
+
+
+def _text_encoder_config(source: str) -> CLIPTextConfig | None:
+    """The text encoder's config from a local folder or the hub cache (no download); ``None`` if absent."""
+    try:
+        return CLIPTextConfig.from_pretrained(**_subfolder(source, "text_encoder"), local_files_only=True)
+    except Exception:  # noqa: BLE001 - not on this machine
+        return None
+
+
+def _local_tokenizer(source: str | None) -> CLIPTokenizer | None:
+    """The tokenizer from a local folder or the hub cache (no download); ``None`` if absent."""
+    if source is None:
+        return None
+    try:
+        return CLIPTokenizer.from_pretrained(**_subfolder(source, "tokenizer"), local_files_only=True)
+    except Exception:  # noqa: BLE001 - not on this machine: the load step reads it
+        return None
