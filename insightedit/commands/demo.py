@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from insightedit.commands.edit import add_model_arguments, check_model_arguments
+from insightedit.commands.edit import add_model_arguments, check_model_arguments, load_model
 from insightedit.commands.parsing import CommandParser
 from insightedit.errors import UserError
 from insightedit.image_reader import DEFAULT_MAX_PIXELS  # light: the pipeline (torch) loads after the arguments
@@ -106,14 +106,6 @@ def main(argv: list[str]) -> int:
     except ImportError:
         raise UserError("the demo needs Gradio: pip install 'insightedit[demo]'") from None
 
-    from insightedit.pipeline import EditPipeline
-
-    pipeline = EditPipeline.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        quantization="4bit" if args.four_bit else None,
-        memory_mode=args.memory,
-    )
+    pipeline = load_model(args)
     build_demo(pipeline, default_steps=args.steps).launch(server_name=args.host, server_port=args.port, share=False)
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from PIL import Image
 
@@ -48,6 +48,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     memory.add_argument(
         "--low-memory", dest="memory", action="store_const", const="low", help="the same as --memory low"
+    )
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The :class:`~insightedit.pipeline.EditPipeline` that :func:`add_model_arguments`' options describe."""
+    from insightedit.pipeline import EditPipeline
+
+    return EditPipeline.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantization="4bit" if args.four_bit else None,
+        memory_mode=args.memory,
     )
 
 
@@ -153,15 +166,7 @@ def main(argv: list[str]) -> int:
     source = read_image(args.image, max_pixels=args.max_pixels)
     with StatusLine(sys.stderr) as status:
         status.show(f"loading {args.model} ...")
-        from insightedit.pipeline import EditPipeline
-
-        pipeline = EditPipeline.from_pretrained(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            quantization="4bit" if args.four_bit else None,
-            memory_mode=args.memory,
-        )
+        pipeline = load_model(args)
         if args.image_scale is not None and not pipeline.has_image_branch:
             status.clear()
             print(f"note: member {pipeline.member} has no image branch; --lambda changes nothing", file=sys.stderr)
