@@ -53,10 +53,17 @@ class ChatServer:
                 try:
                     time.sleep(outer.delay_s)
                     status, reply = outer.responder(body, number)
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
-                    if outer.echo_errors and status != 200:
-                        echoed = f"{reply}; you sent Authorization: {self.headers.get('Authorization')} to {self.path}"
-                        payload = json.dumps({"error": {"message": echoed}})
+                finally:
+                    # A request stops counting as in flight before its reply is written: once the client has
+                    # the reply it may send the next request, which this thread must not still be counting
+                    # (on a busy machine the old decrement-after-write raced with it).
+                    with outer.lock:
+                        outer.in_flight -= 1
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
+                if outer.echo_errors and status != 200:
+                    echoed = f"{reply}; you sent Authorization: {self.headers.get('Authorization')} to {self.path}"
+                    payload = json.dumps({"error": {"message": echoed}})
+                try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
@@ -64,9 +71,6 @@ class ChatServer:
                     self.wfile.write(payload.encode())
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and closed the connection
-                finally:
-                    with outer.lock:
-                        outer.in_flight -= 1
 
             def log_message(self, *args: object) -> None:
                 pass
