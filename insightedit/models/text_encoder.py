@@ -3,6 +3,11 @@
 The text encoder gives the generation module its null condition (the encoding of ``""``, as in
 InstructPix2Pix), lets the generation module train on its own from instruction strings, and gives stage 1
 its alignment target (the encoding of the target caption).
+
+Its weights may come from a CLIP folder (``generation.text_encoder``): a ``CLIPModel.save_pretrained``
+folder with its tokenizer, such as ``openai/clip-vit-large-patch14`` or the tiny CLIP foundation's
+``export/`` (``insightedit foundations``). :func:`clip_folder_text_parts` reads its config and tokenizer
+when the model is built; :func:`load_clip_folder_text_encoder` reads the weights at the load step.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+from insightedit.errors import UserError
+from insightedit.models.loading import assign_or_copy
+from insightedit.models.loads import report_loaded
 
 TINY_TOKENIZER_VOCAB = "vocab.json"
 TINY_TOKENIZER_MERGES = "merges.txt"
@@ -96,3 +106,63 @@ class FrozenTextEncoder(nn.Module):
             list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
         return self.model(ids).last_hidden_state
+
+
+TEXT_ENCODER_SETTING = "generation.text_encoder"
+FOUNDATIONS_COMMAND = "insightedit foundations"
+
+
+def _missing_clip_folder(folder: str | Path) -> UserError:
+    return UserError(
+        f"{TEXT_ENCODER_SETTING}: {folder} is not a CLIP folder (no config.json there); build the tiny "
+        f"foundations with `{FOUNDATIONS_COMMAND}`, or set {TEXT_ENCODER_SETTING} to null"
+    )
+
+
+def clip_folder_text_parts(folder: str | Path) -> tuple[CLIPTextConfig, CLIPTokenizer | None] | None:
+    """The text config and tokenizer of a CLIP folder (no weights read); ``None`` when the folder is absent.
+
+    ``folder`` is a ``CLIPModel`` (or ``CLIPTextModel``) ``save_pretrained`` folder; the tokenizer is
+    ``None`` when the folder holds none. An absent folder is not an error here: building only needs
+    the shapes, and :func:`load_clip_folder_text_encoder` says what is missing at the load step.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return None
+    config = CLIPTextConfig.from_pretrained(str(folder))
+    try:
+        tokenizer: CLIPTokenizer | None = CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, TypeError, ValueError):  # a folder without tokenizer files
+        tokenizer = None
+    return config, tokenizer
+
+
+def load_clip_folder_text_encoder(encoder: FrozenTextEncoder, folder: str | Path) -> None:
+    """Read the text tower of the CLIP folder ``folder`` (and its tokenizer) into ``encoder``, every key.
+
+    A missing folder or one whose text tower does not fit ``encoder`` is one
+    :class:`~insightedit.errors.UserError` line naming the folder and ``insightedit foundations``.
+    """
+    if clip_folder_text_parts(folder) is None:
+        raise _missing_clip_folder(folder)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its report lists the image tower's keys, left out by design
+    try:
+        model = CLIPTextModel.from_pretrained(str(folder))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    state = model.state_dict()
+    try:
+        assign_or_copy(encoder.model, state)
+    except RuntimeError as error:  # shapes or keys that do not fit the text encoder built from the config
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise UserError(
+            f"{TEXT_ENCODER_SETTING}: {folder}'s text tower does not fit the generation module's text encoder "
+            f"({first[0].strip()}); rebuild it with `{FOUNDATIONS_COMMAND} --rebuild`"
+        ) from error
+    encoder.model.requires_grad_(False).eval()
+    try:
+        encoder.tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=encoder.max_length)
+    except (OSError, TypeError, ValueError):
+        pass  # no tokenizer in the folder: the built one stays
+    report_loaded(TEXT_ENCODER_SETTING, len(state), folder, "the CLIP text tower and its tokenizer")

@@ -52,6 +52,7 @@ class GenerationModule(L.LightningModule):
         unet_config: dict[str, Any] | None = None,
         latent: str = "auto",
         with_text_encoder: bool = True,
+        text_encoder: str | None = None,
         train_unet: bool = True,
         train_image_branch: bool = True,
         drop_text_prob: float = 0.05,

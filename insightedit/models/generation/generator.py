@@ -33,6 +33,7 @@ from insightedit.models.generation.presets import (
 )
 from insightedit.models.generation.sampling import sample_with_dual_guidance
 from insightedit.models.loading import PretrainedPart
+from insightedit.models.text_encoder import load_clip_folder_text_encoder
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 GENERATION_CONFIG = "generation_config.json"
@@ -51,6 +52,10 @@ class EditGenerator(PretrainedPart, nn.Module):
         image_scale: λ, the image branch's weight (changeable later via ``unet.image_scale``).
         unet_config: overrides of the preset's UNet config.
         latent: ``"auto"``, ``"vae"`` or ``"pixel_unshuffle"``.
+        with_text_encoder: build the frozen text encoder (``False``: conditions come as ``f_txt``).
+        text_encoder: a CLIP folder (``CLIPModel.save_pretrained`` with its tokenizer, e.g. the tiny CLIP
+            foundation's ``checkpoints/tiny/foundations/clip/export``) whose text tower is the frozen
+            text encoder, read by :meth:`load_pretrained`; ``None``: ``pretrained``'s or the preset's.
         train_unet: train the whole UNet (else only the image branch, if ``train_image_branch``).
         train_image_branch: train the image projection and ``to_k_ip``/``to_v_ip``.
         drop_text_prob, drop_source_prob, drop_both_prob: classifier-free-guidance dropout rates.
@@ -72,6 +77,7 @@ class EditGenerator(PretrainedPart, nn.Module):
         unet_config: dict[str, Any] | None = None,
         latent: str = "auto",
         with_text_encoder: bool = True,
+        text_encoder: str | None = None,
         train_unet: bool = True,
         train_image_branch: bool = True,
         drop_text_prob: float = 0.05,
@@ -102,6 +108,7 @@ class EditGenerator(PretrainedPart, nn.Module):
             unet_config=unet_config,
             latent=latent,
             with_text_encoder=with_text_encoder,
+            text_encoder=text_encoder,
             device=device,
         )
         self.unet: EditUNet = components.unet
@@ -110,21 +117,37 @@ class EditGenerator(PretrainedPart, nn.Module):
         self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         self.text_encoder = components.text_encoder
         self.pretrained = pretrained
+        self.text_encoder_source = text_encoder if with_text_encoder else None
         self.register_buffer("null_f_txt", self._null_text_condition(), persistent=True)
         if gradient_checkpointing:
             self.unet.unet.enable_gradient_checkpointing()
         self.set_trainable(train_unet=train_unet, train_image_branch=train_image_branch)
 
+    @property
+    def pretrained_pending(self) -> bool:
+        """Whether weights are named (``pretrained`` or the ``text_encoder`` folder) and not loaded yet."""
+        named = self.pretrained is not None or self.text_encoder_source is not None
+        return named and not self.pretrained_loaded
+
     def load_pretrained(self) -> None:
-        """Read the weights ``pretrained`` names into this generator (the schedule and tokenizer too, from a folder)."""
-        if self.pretrained is None:
+        """Read the weights ``pretrained`` names into this generator (the schedule and tokenizer too, from a folder).
+
+        The text encoder comes from the ``text_encoder`` CLIP folder when one is named (a missing folder is
+        one :class:`~insightedit.errors.UserError` line); the null condition is then re-encoded.
+        """
+        if self.pretrained is None and self.text_encoder_source is None:
             return
         trainable = {name: p.requires_grad for name, p in self.named_parameters()}
-        components = GenerationComponents(self.unet, self.latent_space, self.noise_scheduler, self.text_encoder)
-        loaded = load_generation_weights(components, self.pretrained)
-        prediction_type = self.noise_scheduler.config.prediction_type
-        self.noise_scheduler = loaded.noise_scheduler
-        self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        if self.pretrained is not None:
+            components = GenerationComponents(self.unet, self.latent_space, self.noise_scheduler, self.text_encoder)
+            loaded = load_generation_weights(
+                components, self.pretrained, with_text_encoder=self.text_encoder_source is None
+            )
+            prediction_type = self.noise_scheduler.config.prediction_type
+            self.noise_scheduler = loaded.noise_scheduler
+            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        if self.text_encoder is not None and self.text_encoder_source is not None:
+            load_clip_folder_text_encoder(self.text_encoder, self.text_encoder_source)
         self.null_f_txt = self._null_text_condition().to(self.null_f_txt.dtype)
         for name, parameter in self.named_parameters():  # what trains is the constructor's choice
             parameter.requires_grad_(trainable.get(name, parameter.requires_grad))
@@ -303,6 +326,7 @@ class EditGenerator(PretrainedPart, nn.Module):
         hparams = dict(settings["hparams"])
         hparams["latent"] = settings["latent"]["kind"]
         hparams.pop("device", None)
+        hparams.pop("text_encoder", None)  # the folder holds the text encoder it was saved with
         for trainer_only in ("learning_rate", "weight_decay"):  # folders written by GenerationModule before
             hparams.pop(trainer_only, None)
         generator = cls(**hparams, pretrained=str(directory))

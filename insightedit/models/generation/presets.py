@@ -22,12 +22,19 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from insightedit.errors import UserError
 from insightedit.hub_weights import DIFFUSERS_FILE, require_hub_weights
 from insightedit.models.generation.edit_unet import EDIT_UNET_CONFIG, EditUNet, widen_conv_in
 from insightedit.models.generation.latent_space import LatentSpace, PixelUnshuffleLatentSpace, VaeLatentSpace
 from insightedit.models.loading import assign_or_copy
 from insightedit.models.loads import report_loaded
-from insightedit.models.text_encoder import FrozenTextEncoder, tiny_clip_text_config, tiny_clip_tokenizer
+from insightedit.models.text_encoder import (
+    FOUNDATIONS_COMMAND,
+    FrozenTextEncoder,
+    clip_folder_text_parts,
+    tiny_clip_text_config,
+    tiny_clip_tokenizer,
+)
 from insightedit.training.safe_load import load_checkpoint
 
 PRESETS = ("tiny", "full")
@@ -109,6 +116,10 @@ def _subfolder(source: str, name: str) -> dict[str, Any]:
     return {"pretrained_model_name_or_path": source, "subfolder": name}
 
 
+class MissingCheckpointError(UserError, FileNotFoundError):
+    """``generation.pretrained`` names no file (one line; for a tiny foundation, how to build it)."""
+
+
 # where Lightning checkpoints keep the diffusers UNet: an EditorSystem (any member), a GenerationModule,
 # and a GenerationModule written before the generator moved into ``model``
 UNET_PREFIXES = ("editor.generation.unet.unet.", "model.unet.unet.", "unet.unet.")
@@ -125,7 +136,8 @@ def load_unet_from_checkpoint(unet: UNet2DConditionModel, path: Path) -> None:
     from the UNet's ``to_k``/``to_v`` after this load).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"generation.pretrained: checkpoint {path} not found")
+        hint = f"; build the tiny foundations with `{FOUNDATIONS_COMMAND}`" if "foundations" in path.parts else ""
+        raise MissingCheckpointError(f"generation.pretrained: checkpoint {path} not found{hint}")
     checkpoint = load_checkpoint(path, "generation.pretrained")  # weights only: a file naming code is refused
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     weights: dict[str, Any] = {}
@@ -178,6 +190,7 @@ def build_generation_components(
     unet_config: dict[str, Any] | None = None,
     latent: str = "auto",
     with_text_encoder: bool = True,
+    text_encoder: str | None = None,
     device: str | torch.device | None = None,
 ) -> GenerationComponents:
     """Build the UNet, latent space, DDPM schedule and text encoder of ``preset``; no weights are read.
@@ -195,6 +208,10 @@ def build_generation_components(
             ``full``, 32 for ``tiny``; ``0`` builds no image branch (plain InstructPix2Pix).
         unet_config: overrides of the preset's UNet config (tiny twins of other sizes).
         latent: ``"auto"`` (the preset's), ``"vae"`` or ``"pixel_unshuffle"``.
+        text_encoder: a CLIP folder (``CLIPModel.save_pretrained``, e.g. the tiny CLIP foundation's
+            ``export/``) whose text tower and tokenizer are the text encoder, over ``pretrained``'s and the
+            preset's; its config and tokenizer are read here when the folder exists (else the preset's
+            stand in), its weights by :func:`insightedit.models.text_encoder.load_clip_folder_text_encoder`.
         device: ``"meta"`` builds without memory (the default for ``full`` without weights).
     """
     if preset not in PRESETS:
@@ -230,15 +247,18 @@ def build_generation_components(
             image_scale=image_scale,
         )
         latent_space = _build_latent_space(preset, folder, latent, edit_unet.unet)
-        text_encoder = _build_text_encoder(preset, folder) if with_text_encoder else None
-    return GenerationComponents(edit_unet, latent_space, scheduler, text_encoder)
+        encoder = _build_text_encoder(preset, folder, text_encoder) if with_text_encoder else None
+    return GenerationComponents(edit_unet, latent_space, scheduler, encoder)
 
 
-def load_generation_weights(components: GenerationComponents, pretrained: str) -> GenerationComponents:
+def load_generation_weights(
+    components: GenerationComponents, pretrained: str, with_text_encoder: bool = True
+) -> GenerationComponents:
     """Read ``pretrained``'s weights into components built from it (:func:`build_generation_components`).
 
     The modules are loaded in place; the schedule and the tokenizer come from a folder's files, so the
-    components are returned with them. A hub id whose weights are not on this machine and cannot be
+    components are returned with them. ``with_text_encoder=False`` leaves a folder's text encoder out
+    (the generator's comes from a CLIP folder instead). A hub id whose weights are not on this machine and cannot be
     downloaded is one :class:`~insightedit.errors.UserError`.
     """
     kind = _source_kind(pretrained)
@@ -273,7 +293,7 @@ def load_generation_weights(components: GenerationComponents, pretrained: str) -
         vae = AutoencoderKL.from_pretrained(**_subfolder(pretrained, "vae"))
         assign_or_copy(components.latent_space.vae, vae.state_dict())
     text_encoder = components.text_encoder
-    if text_encoder is not None:
+    if text_encoder is not None and with_text_encoder:
         model = CLIPTextModel.from_pretrained(**_subfolder(pretrained, "text_encoder"))
         assign_or_copy(text_encoder.model, model.state_dict())
         text_encoder.tokenizer = CLIPTokenizer.from_pretrained(**_subfolder(pretrained, "tokenizer"))
@@ -307,11 +327,17 @@ def _build_latent_space(preset: str, pretrained: str | None, latent: str, unet: 
     return VaeLatentSpace(vae)
 
 
-def _build_text_encoder(preset: str, pretrained: str | None) -> FrozenTextEncoder:
+def _build_text_encoder(preset: str, pretrained: str | None, clip_folder: str | None = None) -> FrozenTextEncoder:
     model: nn.Module
     tokenizer: CLIPTokenizer | None
     text_config = _text_encoder_config(pretrained) if pretrained is not None else None
-    if text_config is not None:
+    clip_parts = clip_folder_text_parts(clip_folder) if clip_folder is not None else None
+    if clip_parts is not None:  # the CLIP folder's text tower, over the pipeline's and the preset's
+        model = CLIPTextModel(clip_parts[0])
+        tokenizer = clip_parts[1]
+        if tokenizer is None and preset == "tiny":
+            tokenizer = tiny_clip_tokenizer(cache_dir() / "tiny-clip-tokenizer")
+    elif text_config is not None:
         model = CLIPTextModel(text_config)
         tokenizer = _local_tokenizer(pretrained)  # None until the load step when only on the hub
     elif preset == "full":
