@@ -33,6 +33,7 @@ from insightedit.training.config_saving import SaveResolvedConfig
 from insightedit.training.run_folder import check_fresh_run_folders
 from insightedit.training.run_outputs import check_run_outputs, drop_logger_only_callbacks
 from insightedit.training.safe_load import check_distributed_checkpoint, checkpoint_error
+from insightedit.training.sharded_loading import deferred_pretrained_loading
 from insightedit.training.wandb_setup import prepare_wandb_loggers
 
 
@@ -147,13 +148,40 @@ class InsightEditCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
-        """Build model, data and trainer; a config that cannot be built is one line, not a traceback."""
+        """Build model, data and trainer; a config that cannot be built is one line, not a traceback.
+
+        Under a ``ModelParallelStrategy`` (FSDP2) the model is built with its loading step deferred: it
+        loads in ``configure_model``, after sharding, on rank 0 only (:mod:`insightedit.training.sharded_loading`).
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
         try:
-            super().instantiate_classes()
+            with deferred_pretrained_loading(shards_the_model((config.get("trainer") or {}).get("strategy"))):
+                super().instantiate_classes()
         except (ValueError, TypeError, UserError) as error:
             if os.environ.get("INSIGHTEDIT_DEBUG"):
                 raise
             raise UserError(f"cannot build what the config describes: {_first_reason(error)}") from error
+
+
+def shards_the_model(strategy: Any) -> bool:
+    """Whether a config's ``trainer.strategy`` (a name, a class path section or an instance) is FSDP2's."""
+    import importlib
+
+    from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+
+    if isinstance(strategy, ModelParallelStrategy):
+        return True
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if isinstance(class_path, str) and "." in class_path:
+        module, _, name = class_path.rpartition(".")
+        try:
+            kind = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return False  # Lightning says what is wrong with it when it builds the trainer
+        return isinstance(kind, type) and issubclass(kind, ModelParallelStrategy)
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        return issubclass(StrategyRegistry[strategy]["strategy"], ModelParallelStrategy)
+    return False
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -26,6 +26,7 @@ from insightedit.systems.generation import log_skipped_samples
 from insightedit.systems.load_reports import loads_on_console
 from insightedit.systems.prediction import PredictionRun, PredictSettings, done_ids, merge_journals, summary_line
 from insightedit.training.safe_load import check_distributed_checkpoint, load_checkpoint
+from insightedit.training.sharded_loading import load_into_shards, loading_is_deferred
 from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
 
 
@@ -95,13 +96,43 @@ class EditorSystem(L.LightningModule):
         self._predict_run: PredictionRun | None = None
         sections = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
         self.editor: Editor = build_editor(member, preset, sections, align_target=align_target)  # reads no weights
-        with loads_on_console():  # "generation.pretrained: loaded N tensors from ..."
-            self.editor.load_pretrained()  # what the sections name; FSDP2 shards the loaded model in configure_model
         self.strict_loading = False  # checkpoints hold only trained weights; on_load_checkpoint checks them
         self._carried: set[str] = set()
+        self._init_from = init_from
+        # under FSDP2 (the CLI's deferred_pretrained_loading) the loading step waits for configure_model,
+        # where rank 0 alone runs it and the weights go straight into the shards (sharded_loading.py)
+        self.loading_pending = loading_is_deferred() and self.sharding.load_after_sharding
+        self._built_with = (torch.get_rng_state(), torch.get_default_dtype())  # what the loading step starts from
         self.apply_stage()
-        if init_from:
-            self.load_trained_weights(init_from, report=True)
+        if not self.loading_pending:
+            self._load_step()
+
+    def _load_step(self) -> None:
+        """Read what the sections name (``pretrained``), freeze for the stage, then load ``init_from``."""
+        with loads_on_console():  # "generation.pretrained: loaded N tensors from ..."
+            self.editor.load_pretrained()
+        self.apply_stage()
+        if self._init_from:
+            self.load_trained_weights(self._init_from, report=True)
+
+    def finish_loading(self) -> None:
+        """Run the loading step a system built under ``deferred_pretrained_loading`` left for later (else nothing).
+
+        It starts from the random state and default dtype the constructor left, so the model is the one a
+        system built without deferral has. Lightning calls it (through ``configure_model``) for you.
+        """
+        if not self.loading_pending:
+            return
+        rng_state, dtype = self._built_with
+        previous = torch.get_default_dtype()
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(rng_state)
+            torch.set_default_dtype(dtype)
+            try:
+                self._load_step()
+            finally:
+                torch.set_default_dtype(previous)
+        self.loading_pending = False
 
     # --------------------------------------------------------------------------------------- stages
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
@@ -129,18 +160,29 @@ class EditorSystem(L.LightningModule):
 
         Other strategies leave the model alone. Called by Lightning before the optimizer is built, possibly
         more than once (fit, then test); sharding an already sharded system does nothing.
-        See :func:`insightedit.training.sharding.shard_system`.
+        See :func:`insightedit.training.sharding.shard_system`. A system built with its loading step
+        deferred (the CLI does so under ``ModelParallelStrategy``) loads here: after sharding, read by rank 0
+        only (:func:`insightedit.training.sharded_loading.load_into_shards`); under other strategies, as usual.
         """
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self.finish_loading()
             return
         mesh = self.device_mesh
         if mesh is None:
             raise RuntimeError("ModelParallelStrategy set up no device mesh before configure_model")
         if mesh["tensor_parallel"].size() != 1:
             raise UserError("the zoo's systems have no tensor-parallel plan: set tensor_parallel_size: 1")
-        shard_system(self, mesh["data_parallel"], self.sharding, str(self.trainer.precision))
+
+        def shard() -> None:
+            shard_system(self, mesh["data_parallel"], self.sharding, str(self.trainer.precision))
+
+        if self.loading_pending:  # rank 0 loads, the others take its skeleton; the weights land in the shards
+            load_into_shards(self, self.finish_loading, shard, state=("_carried",))
+            self.loading_pending = False
+        else:
+            shard()
 
     # --------------------------------------------------------------------------------------- losses
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

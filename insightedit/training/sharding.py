@@ -70,12 +70,16 @@ class ShardingSettings:
             precision is ``bf16-*``, else the parameters' own), ``"bfloat16"``, ``"float16"``,
             ``"float32"`` or ``None`` (the parameters' own).
         reduce_dtype: dtype gradients are reduce-scattered in (``None``: ``param_dtype``).
+        load_after_sharding: under the CLI, build without the pretrained weights, shard, then load them
+            into the shards, read by rank 0 only (:mod:`insightedit.training.sharded_loading`); ``False``:
+            every rank reads them all before sharding (host memory at start grows with the ranks).
     """
 
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
     param_dtype: str | None = "auto"
     reduce_dtype: str | None = "float32"
+    load_after_sharding: bool = True
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "reduce_dtype"):

@@ -1,0 +1,110 @@
+"""Meta-first loading under FSDP2: pretrained weights are read once, by rank 0, and land in the shards.
+
+Without it every rank of a sharded run builds the system and reads every pretrained weight (the 7B LLaVA,
+the SD UNet, CLIP) into host memory in full before ``configure_model`` shards it: ``N`` ranks hold ``N``
+copies at start. With it (:func:`deferred_pretrained_loading`, which :class:`~insightedit.lightning_cli.InsightEditCLI`
+enters when the trainer's strategy is a ``ModelParallelStrategy``), the constructor builds and loads
+nothing; then, in ``configure_model`` (:func:`load_into_shards`):
+
+1. rank 0 alone runs the loading step as a single process would (``pretrained``, the stage's freezing,
+   ``init_from``), with the random state the constructor left, so its model is the single-process model;
+2. rank 0 sends the other ranks a *skeleton* of that editor: the same modules, names, dtypes,
+   ``requires_grad`` flags, tokenizers and settings, every weight on ``meta`` (no memory) except the
+   non-persistent buffers (small, outside any state dict), which travel with their values;
+3. every rank shards (``fully_shard``: meta parameters become meta shards, rank 0's real ones real shards);
+4. ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` broadcasts rank 0's
+   tensors one at a time; each rank keeps only its shard of each.
+
+Host memory at start: rank 0 holds the loaded model once (plus its shard), every other rank its shard
+plus one tensor in flight, whatever the number of ranks (measured: ``benchmarks/sharded_loading.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+_DEFERRED: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def deferred_pretrained_loading(enabled: bool = True) -> Iterator[None]:
+    """Systems built inside this block leave their pretrained weights and ``init_from`` for after sharding."""
+    previous = _DEFERRED[0]
+    _DEFERRED[0] = enabled
+    try:
+        yield
+    finally:
+        _DEFERRED[0] = previous
+
+
+def loading_is_deferred() -> bool:
+    """Whether a system built now should leave its loading step to :func:`load_into_shards`."""
+    return _DEFERRED[0]
+
+
+def meta_skeleton(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every parameter and persistent buffer on ``meta`` (dtype, shape and flags kept).
+
+    Non-persistent buffers (outside state dicts, so outside the broadcast) keep their values; everything
+    that is not a tensor (tokenizers, configs, settings) is copied as it is. Tied tensors stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for _, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) not in memo:
+            shell = torch.empty_like(parameter, device="meta")
+            memo[id(parameter)] = nn.Parameter(shell, requires_grad=parameter.requires_grad)
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and name not in owner._non_persistent_buffers_set and id(buffer) not in memo:
+                memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def load_into_shards(
+    system: nn.Module,
+    load: Callable[[], None],
+    shard: Callable[[], None],
+    part: str = "editor",
+    state: tuple[str, ...] = (),
+) -> None:
+    """Run ``load`` on rank 0 only, give the other ranks its skeleton, ``shard`` everywhere, broadcast the weights.
+
+    Args:
+        system: the module to load and shard (its ``part`` child is what ``load`` fills in).
+        load: the single-process loading step, run on rank 0 before sharding.
+        shard: applies ``fully_shard`` to ``system`` (on every rank, after the skeleton is in place).
+        part: the child of ``system`` that ``load`` changes (replaced by rank 0's skeleton elsewhere).
+        state: other attributes of ``system`` that ``load`` sets (sent from rank 0 as they are).
+
+    Needs an initialised default process group whose ranks all shard ``system`` (data parallel only).
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    full: dict[str, Any] = {}
+    payload: list[Any] = [None]
+    if rank == 0:
+        load()
+        full = system.state_dict()  # references to the loaded tensors, no copies
+        payload = [(meta_skeleton(getattr(system, part)), {name: getattr(system, name) for name in state})]
+    dist.broadcast_object_list(payload, src=0)
+    if rank != 0:
+        skeleton, attributes = payload[0]
+        setattr(system, part, skeleton)
+        for name, value in attributes.items():
+            setattr(system, name, value)
+    payload.clear()
+    shard()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(system, full, options=options)
+    full.clear()
+
+
+__all__ = ["deferred_pretrained_loading", "load_into_shards", "loading_is_deferred", "meta_skeleton"]
