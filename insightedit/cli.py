@@ -27,6 +27,10 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("insightedit.commands.data:main", "Make, check and convert AdvancedEdit datasets."),
     "zoo": ("insightedit.commands.zoo:main", "The zoo's members: what each reads, its size and its stages."),
+    "foundations": (
+        "insightedit.commands.foundations:main",
+        "Build the tiny twin's pretrained parts (CLIP, MLLM, InstructPix2Pix), cached.",
+    ),
     "plan": ("insightedit.commands.plan:main", "Parameters and memory per device of a config, before any download."),
     "evaluate": ("insightedit.commands.evaluate:main", "Score a folder of edited images with a named protocol."),
     "export": ("insightedit.commands.export:main", "Turn a checkpoint into a self-contained model folder."),
@@ -43,10 +47,11 @@ def _usage() -> str:
         "",
         "commands:",
     ]
+    width = max(len(name) for name in [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
     for name, summary in LIGHTNING_COMMANDS.items():
-        lines.append(f"  {name:<10} {summary}")
+        lines.append(f"  {name:<{width}} {summary}")
     for name, (_, summary) in EXTRA_COMMANDS.items():
-        lines.append(f"  {name:<10} {summary}")
+        lines.append(f"  {name:<{width}} {summary}")
     lines += [
         "",
         "options:",

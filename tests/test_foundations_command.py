@@ -1,0 +1,163 @@
+"""``insightedit foundations``: order, what each run reads from the ones before, caching, --rebuild, failures.
+
+The runs are stubbed (each writes what its recipe would); one real run is in test_foundations_build.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from insightedit.cli import main
+from insightedit.commands import foundations as command
+from insightedit.commands.foundations import FOUNDATIONS, STAMP, FoundationBuilder
+from insightedit.errors import UserError
+
+METRICS = {"clip": {"retrieval_top1": 0.95}, "mllm": {"answer_accuracy": 0.91}}
+
+
+def write_recipes(configs: Path) -> Path:
+    for foundation in FOUNDATIONS:
+        path = configs / foundation.config
+        path.parent.mkdir(parents=True, exist_ok=True)
+        steps = {"clip": 600, "mllm": 1500, "instruct_pix2pix": 1200}[foundation.name]
+        path.write_text(yaml.safe_dump({"trainer": {"max_steps": steps, "val_check_interval": 200}}))
+    return configs
+
+
+class StubRunner:
+    """Records each ``insightedit fit``; writes the run's output (``last.ckpt`` or ``export/foundation.json``)."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = fail
+
+    def names(self) -> list[str]:
+        return [Path(argv[2]).stem for argv in self.calls]
+
+    def __call__(self, argv: list[str]) -> int:
+        self.calls.append(argv)
+        name = Path(argv[2]).stem
+        if name == self.fail:
+            return 1
+        folder = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
+        if name in METRICS:
+            (folder / "export").mkdir(parents=True, exist_ok=True)
+            (folder / "export" / "foundation.json").write_text(json.dumps({"kind": name, "metric": METRICS[name]}))
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "last.ckpt").write_bytes(b"")
+        return 0
+
+
+@pytest.fixture
+def configs(tmp_path: Path) -> Path:
+    return write_recipes(tmp_path / "configs")
+
+
+def builder(
+    root: Path, configs: Path, runner: StubRunner, lines: list[str] | None = None, **kwargs
+) -> FoundationBuilder:
+    report = lines.append if lines is not None else (lambda line: None)
+    return FoundationBuilder(root, configs, runner=runner, report=report, **kwargs)
+
+
+def test_order_and_what_each_reads(tmp_path: Path, configs: Path) -> None:
+    """clip, then mllm on clip's export as its vision tower, then instruct_pix2pix on clip's text tower."""
+    runner, lines = StubRunner(), []
+    root = tmp_path / "f"
+    outcomes = builder(root, configs, runner, lines).build()
+    assert runner.names() == ["clip", "mllm", "instruct_pix2pix"]
+    assert [o.name for o in outcomes] == ["clip", "mllm", "instruct_pix2pix"] and all(o.built for o in outcomes)
+    clip, mllm, pix2pix = runner.calls
+    assert clip == ["fit", "--config", str(configs / "tiny/foundations/clip.yaml"),
+                    f"--trainer.default_root_dir={root / 'clip'}", "--overwrite"]  # fmt: skip
+    assert f"--model.init_args.vision_tower={root}/clip/export" in mllm
+    assert f"--model.init_args.generation.text_encoder={root}/clip/export" in pix2pix
+    assert pix2pix[2] == str(configs / "tiny/instruct_pix2pix.yaml")
+    assert outcomes[0].metric == {"retrieval_top1": 0.95} and outcomes[1].metric == {"answer_accuracy": 0.91}
+    assert any(line.startswith("clip: built in ") and line.endswith("held-out retrieval_top1 0.95") for line in lines)
+    assert json.loads((root / "mllm" / STAMP).read_text())["metric"] == {"answer_accuracy": 0.91}
+
+
+def test_current_foundations_are_skipped(tmp_path: Path, configs: Path) -> None:
+    root = tmp_path / "f"
+    builder(root, configs, StubRunner()).build()
+    runner, lines = StubRunner(), []
+    outcomes = builder(root, configs, runner, lines).build()
+    assert runner.calls == [] and not any(o.built for o in outcomes)
+    assert lines[0] == f"clip: current, skipped ({root / 'clip'}; retrieval_top1 0.95)"
+    assert outcomes[1].metric == {"answer_accuracy": 0.91}
+
+
+def test_a_changed_recipe_rebuilds_it_and_what_reads_it(tmp_path: Path, configs: Path) -> None:
+    root = tmp_path / "f"
+    builder(root, configs, StubRunner()).build()
+    pix2pix = configs / "tiny/instruct_pix2pix.yaml"
+    pix2pix.write_text(pix2pix.read_text() + "# changed\n")
+    runner = StubRunner()
+    builder(root, configs, runner).build()
+    assert runner.names() == ["instruct_pix2pix"]  # nothing reads it
+    clip = configs / "tiny/foundations/clip.yaml"
+    clip.write_text(clip.read_text() + "# changed\n")
+    runner = StubRunner()
+    builder(root, configs, runner).build()
+    assert runner.names() == ["clip", "mllm", "instruct_pix2pix"]  # both read clip's export
+
+
+def test_missing_output_or_other_settings_rebuild(tmp_path: Path, configs: Path) -> None:
+    root = tmp_path / "f"
+    builder(root, configs, StubRunner()).build()
+    (root / "mllm" / "export" / "foundation.json").unlink()
+    runner = StubRunner()
+    builder(root, configs, runner).build()
+    assert runner.names() == ["mllm"]  # instruct_pix2pix does not read mllm
+    runner = StubRunner()
+    builder(root, configs, runner, steps_scale=0.01).build()  # a smoke build is not the default one
+    assert runner.names() == ["clip", "mllm", "instruct_pix2pix"]
+    runner = StubRunner()
+    builder(root, configs, runner, rebuild=True).build()
+    assert runner.names() == ["clip", "mllm", "instruct_pix2pix"]
+
+
+def test_steps_scale(tmp_path: Path, configs: Path) -> None:
+    """max_steps scaled (at least 1) and validation kept inside the run."""
+    runner = StubRunner()
+    builder(tmp_path / "f", configs, runner, steps_scale=0.01).build()
+    clip, mllm, pix2pix = runner.calls
+    assert "--trainer.max_steps=6" in clip and "--trainer.val_check_interval=6" in clip
+    assert "--trainer.max_steps=15" in mllm and "--trainer.max_steps=12" in pix2pix
+    runner = StubRunner()
+    builder(tmp_path / "g", configs, runner, steps_scale=0.5).build()
+    assert "--trainer.max_steps=300" in runner.calls[0]
+    assert not any(a.startswith("--trainer.val_check_interval") for a in runner.calls[0])
+
+
+def test_a_failed_run_is_one_line_and_stops(tmp_path: Path, configs: Path) -> None:
+    runner = StubRunner(fail="mllm")
+    with pytest.raises(UserError) as error:
+        builder(tmp_path / "f", configs, runner).build()
+    assert runner.names() == ["clip", "mllm"]
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("foundations: mllm failed (insightedit fit exited 1 after ")
+    assert not (tmp_path / "f" / "mllm" / STAMP).exists()
+
+
+def test_command_line(tmp_path: Path, configs: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``insightedit foundations``: the root from --out or $INSIGHTEDIT_FOUNDATIONS; a failure exits non-zero."""
+    runner = StubRunner()
+    monkeypatch.setattr(command, "subprocess_runner", runner)
+    monkeypatch.setenv("INSIGHTEDIT_FOUNDATIONS", str(tmp_path / "env"))
+    assert main(["foundations", "--configs", str(configs)]) == 0
+    assert runner.calls[0][3] == f"--trainer.default_root_dir={tmp_path / 'env' / 'clip'}"
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith(f"foundations in {tmp_path / 'env'}: clip, mllm, instruct_pix2pix built, ")
+    monkeypatch.setattr(command, "subprocess_runner", StubRunner(fail="clip"))
+    assert main(["foundations", "--configs", str(configs), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("error: foundations: clip failed (insightedit fit exited 1")
+    assert main(["foundations", "--steps-scale", "0"]) == 2
+    assert main(["foundations", "--configs", str(tmp_path / "none")]) == 2
+    assert "recipe" in capsys.readouterr().err
