@@ -21,9 +21,12 @@ from torch import nn
 
 from insightedit.errors import UserError
 from insightedit.hub_weights import check_hub_weights, clip_hub_weights
+from insightedit.models.bridging.hf_clip import is_hf_clip_folder, load_hf_clip_visual
 from insightedit.models.bridging.qformer import full_attention_mask
 from insightedit.models.loading import PretrainedPart, assign_or_copy
 from insightedit.models.loads import report_loaded
+
+FOUNDATIONS_COMMAND = "insightedit foundations"
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -77,19 +80,26 @@ class ClipImageEncoder(PretrainedPart, nn.Module):
         """Read the CLIP weights ``pretrained`` names (a local file or an open_clip tag) into the image tower."""
         if self.pretrained is None:
             return
+        if self.load_options.get("format") == "transformers":
+            self._load_transformers_folder(self.pretrained)
+            return
         model, quick_gelu, cache_dir = (self.load_options[k] for k in ("model", "quick_gelu", "cache_dir"))
         hub = clip_hub_weights("bridging.clip_pretrained", self.pretrained, model)
         if hub is not None:
             check_hub_weights([hub])  # one line naming the hub repo, not open_clip's retries
         try:
-            clip = open_clip.create_model(
-                model,
-                pretrained=self.pretrained,
-                device="cpu",
-                force_quick_gelu=quick_gelu,
-                cache_dir=cache_dir,
-                require_pretrained=True,
-            )
+            if isinstance(model, Mapping):  # a model config with a local file (e.g. ViT-L/14 widths, fewer layers)
+                clip = open_clip.CLIP(**{"quick_gelu": quick_gelu, **deepcopy(model)})
+                open_clip.load_checkpoint(clip, self.pretrained, strict=True)
+            else:
+                clip = open_clip.create_model(
+                    model,
+                    pretrained=self.pretrained,
+                    device="cpu",
+                    force_quick_gelu=quick_gelu,
+                    cache_dir=cache_dir,
+                    require_pretrained=True,
+                )
         except RuntimeError as error:
             raise UserError(
                 f"could not load CLIP weights {self.pretrained!r} for {model!r} (no network here? give a local "
@@ -98,7 +108,29 @@ class ClipImageEncoder(PretrainedPart, nn.Module):
         state = clip.visual.state_dict()
         assign_or_copy(self.visual, state)
         self.visual.requires_grad_(False)
-        report_loaded("bridging.clip_pretrained", len(state), self.pretrained, f"CLIP {model}'s image tower")
+        name = model if isinstance(model, str) else "config"
+        report_loaded("bridging.clip_pretrained", len(state), self.pretrained, f"CLIP {name}'s image tower")
+        self.pretrained_loaded = True
+
+    def _load_transformers_folder(self, folder: str) -> None:
+        """Read a transformers ``CLIPModel`` folder's image tower + ``visual_projection`` into the open_clip tower."""
+        if not is_hf_clip_folder(folder):
+            raise UserError(
+                f"bridging.clip_pretrained: {folder} is not a CLIP folder (no CLIP config.json there); build the "
+                f"tiny CLIP foundation with `{FOUNDATIONS_COMMAND}`, or give an open_clip checkpoint file"
+            )
+        layers = len(getattr(getattr(self.visual, "transformer", None), "resblocks", []))
+        state = load_hf_clip_visual(folder, layers)
+        try:
+            assign_or_copy(self.visual, state)
+        except RuntimeError as error:  # another CLIP's widths, depth or patch size
+            first = (str(error).splitlines()[1:2] or [str(error)])[0].strip()
+            raise UserError(
+                f"bridging.clip_pretrained: {folder}'s image tower does not fit the bridging CLIP ({first}); "
+                f"rebuild it with `{FOUNDATIONS_COMMAND}`"
+            ) from error
+        self.visual.requires_grad_(False)
+        report_loaded("bridging.clip_pretrained", len(state), folder, "the CLIP folder's image tower and projection")
         self.pretrained_loaded = True
 
     def train(self, mode: bool = True) -> ClipImageEncoder:
@@ -119,9 +151,14 @@ class ClipImageEncoder(PretrainedPart, nn.Module):
         return self.encode_image(pixels)
 
 
+def _is_folder_route(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a transformers CLIP folder (or a folder path yet to be built), not a file or tag."""
+    return os.path.isdir(pretrained) or (not os.path.exists(pretrained) and os.sep in pretrained)
+
+
 def _resolve_pretrained(model_name: str, pretrained: str) -> str:
     """Accept a local file or a known open_clip tag; otherwise raise a clear :class:`UserError`."""
-    if os.path.isfile(pretrained):
+    if os.path.isfile(pretrained) or is_hf_clip_folder(pretrained):
         return pretrained
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained in tags:
@@ -145,21 +182,34 @@ def build_clip_image_encoder(
     Args:
         model: an open_clip model name (``"ViT-L-14"``), built with ``open_clip.create_model``, or a model
             config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) built with ``open_clip.CLIP``.
-        pretrained: ``None`` (random init, nothing loaded or downloaded), a local checkpoint file, or an
-            open_clip tag such as ``"openai"`` (open_clip fetches it unless it is in ``cache_dir``), read by
-            the encoder's ``load_pretrained`` (nothing is read here). Not allowed with a config dict.
+        pretrained: ``None`` (random init, nothing loaded or downloaded), a local checkpoint file, an
+            open_clip tag such as ``"openai"`` (open_clip fetches it unless it is in ``cache_dir``), or a
+            transformers ``CLIPModel`` folder (the tiny CLIP foundation's ``export/``; its vision tower and
+            projection are renamed into open_clip's, :mod:`.hf_clip`), read by the encoder's
+            ``load_pretrained`` (nothing is read here). With a config dict: a local file or a folder.
         quick_gelu: use QuickGELU, as OpenAI's CLIP weights require.
         normalize: L2-normalise embeddings (see :class:`ClipImageEncoder`).
         device: where to build; ``"meta"`` builds shapes only.
     """
     target = torch.device(device) if device is not None else torch.get_default_device()
     if isinstance(model, Mapping):
-        if pretrained is not None:
-            raise UserError("a CLIP config dict builds a random model; give weights with a model name instead")
+        if pretrained is not None and not os.path.isfile(pretrained) and not _is_folder_route(pretrained):
+            raise UserError(
+                f"CLIP weights {pretrained!r} for a CLIP config dict must be a local open_clip checkpoint file or "
+                f"a CLIP folder (the tiny CLIP foundation's export/, built by `{FOUNDATIONS_COMMAND}`); a tag "
+                "needs a model name such as ViT-L-14"
+            )
         config = dict(deepcopy(model))
         config.setdefault("quick_gelu", quick_gelu)
         with target:
             clip = open_clip.CLIP(**config)
+        if pretrained is not None:  # read by ``load_pretrained``, not here
+            encoder = ClipImageEncoder(clip.visual, normalize=normalize)
+            encoder.pretrained = pretrained
+            encoder.load_options = {"model": dict(model), "quick_gelu": quick_gelu, "cache_dir": cache_dir}
+            if not os.path.isfile(pretrained):
+                encoder.load_options["format"] = "transformers"
+            return encoder
     else:
         resolved = _resolve_pretrained(model, pretrained) if pretrained is not None else None
         with target:  # the architecture only: the weights are read by ``load_pretrained``
@@ -168,5 +218,7 @@ def build_clip_image_encoder(
             encoder = ClipImageEncoder(clip.visual, normalize=normalize)
             encoder.pretrained = resolved
             encoder.load_options = {"model": model, "quick_gelu": quick_gelu, "cache_dir": cache_dir}
+            if os.path.isdir(resolved):
+                encoder.load_options["format"] = "transformers"
             return encoder
     return ClipImageEncoder(clip.visual, normalize=normalize)
