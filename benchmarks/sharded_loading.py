@@ -150,7 +150,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"InsightEdit whose LLaVA ({result['llava_parameters'] / 1e6:.0f} M parameters, "
         f"{result['weight_gib']:.2f} GiB of float32 safetensors) is read from a folder. `start`: peak RSS "
         "when training starts (built, loaded, sharded, optimizer made); `first step`: peak through step 1. "
-        "Each path run twice; the table shows each rank's largest value over the repeats.",
+        f"Each path run {result['repeats']} time(s); the table shows each rank's largest value over them.",
         "",
         "| path | rank | start (GiB) | first step (GiB) |",
         "|---|---|---|---|",
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         **provenance(),
         "llava_layers": args.llava_layers,
+        "repeats": args.repeats,
         "llava_parameters": parameters,
         "weight_gib": round(weight_bytes(llava) / GiB, 3),
         "runs": runs,

@@ -44,6 +44,17 @@ def _weights(tmp_path: Path) -> dict:
     }
 
 
+def test_the_cli_defers_loading_only_under_a_model_parallel_strategy():
+    from insightedit.lightning_cli import shards_the_model
+    from insightedit.training.sharding import FSDP2Strategy
+
+    assert shards_the_model({"class_path": "insightedit.training.sharding.FSDP2Strategy"})
+    assert shards_the_model({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": {}})
+    assert shards_the_model(FSDP2Strategy())
+    assert not shards_the_model({"class_path": "lightning.pytorch.strategies.FSDPStrategy"})  # FSDP1: as before
+    assert not any(shards_the_model(s) for s in ("ddp", "auto", None, {"class_path": "no.such.Strategy"}))
+
+
 def test_the_skeleton_keeps_names_dtypes_flags_and_ties_with_no_memory():
     torch.manual_seed(0)
     system = EditorSystem(member="insightedit", preset="tiny", stage=3)
