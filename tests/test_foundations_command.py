@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from insightedit.callbacks.held_out import HELD_OUT_FILE, HeldOutMetrics
 from insightedit.cli import main
 from insightedit.commands import foundations as command
 from insightedit.commands.foundations import FOUNDATIONS, STAMP, FoundationBuilder
@@ -50,6 +51,7 @@ class StubRunner:
         else:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "last.ckpt").write_bytes(b"")
+            (folder / HELD_OUT_FILE).write_text(json.dumps({"metric": {"val/loss_diff": 0.02}, "step": 12}))
         return 0
 
 
@@ -79,6 +81,8 @@ def test_order_and_what_each_reads(tmp_path: Path, configs: Path) -> None:
     assert f"--model.init_args.generation.text_encoder={root}/clip/export" in pix2pix
     assert pix2pix[2] == str(configs / "tiny/instruct_pix2pix.yaml")
     assert outcomes[0].metric == {"retrieval_top1": 0.95} and outcomes[1].metric == {"answer_accuracy": 0.91}
+    assert outcomes[2].metric == {"val/loss_diff": 0.02}  # what the recipe's HeldOutMetrics wrote
+    assert FOUNDATIONS[2].metric_file == HeldOutMetrics().filename
     assert any(line.startswith("clip: built in ") and line.endswith("held-out retrieval_top1 0.95") for line in lines)
     assert json.loads((root / "mllm" / STAMP).read_text())["metric"] == {"answer_accuracy": 0.91}
 

@@ -1,5 +1,6 @@
-"""Lightning callbacks of the training runs: edited-image logging, RNG state for exact resume, NaN guard, progress."""
+"""Lightning callbacks of the runs: edited images, RNG state for exact resume, NaN guard, progress, held-out metrics."""
 
+from insightedit.callbacks.held_out import HeldOutMetrics
 from insightedit.callbacks.image_logging import EditImageLogger
 from insightedit.callbacks.nonfinite import NonFiniteGuard, TrainingDiverged
 from insightedit.callbacks.progress import StepProgressBar
@@ -8,6 +9,7 @@ from insightedit.callbacks.summary import ModelSummaryTable
 
 __all__ = [
     "EditImageLogger",
+    "HeldOutMetrics",
     "ModelSummaryTable",
     "NonFiniteGuard",
     "RNGStateCallback",

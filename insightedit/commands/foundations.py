@@ -63,6 +63,7 @@ FOUNDATIONS: tuple[Foundation, ...] = (
         "tiny/instruct_pix2pix.yaml",
         "last.ckpt",
         inputs=(("model.init_args.generation.text_encoder", CLIP_EXPORT),),
+        metric_file="held_out.json",  # the recipe's insightedit.callbacks.HeldOutMetrics writes it
     ),
 )
 
@@ -127,13 +128,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _metric(foundation: Foundation, folder: Path) -> dict[str, float]:
-    """The held-out metric: the recipe's export file, else the W&B run's summary ``val/*`` values."""
-    if foundation.metric_file is not None:
-        found = (_read_json(folder / foundation.metric_file) or {}).get("metric")
-        return {str(k): float(v) for k, v in found.items()} if isinstance(found, dict) else {}
-    summaries = sorted((folder / "wandb").glob("offline-run-*/files/wandb-summary.json"))
-    summary = _read_json(summaries[-1]) if summaries else None
-    return {k: float(v) for k, v in (summary or {}).items() if k.startswith("val/") and isinstance(v, int | float)}
+    """The held-out metric the run wrote (``{"metric": {...}}`` in its ``metric_file``); empty if none."""
+    found = (_read_json(folder / foundation.metric_file) or {}).get("metric") if foundation.metric_file else None
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): float(v) for k, v in found.items() if isinstance(v, int | float)}
 
 
 def format_metric(metric: dict[str, float]) -> str:
