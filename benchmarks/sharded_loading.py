@@ -114,7 +114,7 @@ def measure(root: Path, llava: Path, after: bool, repeat: int) -> dict[str, Any]
     folder = root / name
     config = run_config(root, llava, folder)
     command = [sys.executable, "-m", "insightedit", "fit", "--config", str(config),
-               "--trainer.strategy=insightedit.training.sharding.FSDP2Strategy", "--trainer.devices=2",
+               "--trainer.strategy.class_path=insightedit.training.sharding.FSDP2Strategy", "--trainer.devices=2",
                "--trainer.accelerator=cpu", "--trainer.precision=32-true",
                f"--model.init_args.sharding.load_after_sharding={'true' if after else 'false'}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",

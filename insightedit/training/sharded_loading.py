@@ -24,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from insightedit.errors import UserError
 
 _DEFERRED: list[bool] = [False]
 
@@ -66,6 +69,20 @@ def meta_skeleton(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """What rank 0 tells the other ranks when its loading step failed (they stop with the same line)."""
+
+    user_error: bool
+    message: str
+
+    def error(self) -> Exception:
+        """The exception a rank other than 0 raises."""
+        if self.user_error:
+            return UserError(self.message)
+        return RuntimeError(f"rank 0 could not load the pretrained weights: {self.message}")
+
+
 def load_into_shards(
     system: nn.Module,
     load: Callable[[], None],
@@ -90,11 +107,20 @@ def load_into_shards(
     rank = dist.get_rank()
     full: dict[str, Any] = {}
     payload: list[Any] = [None]
+    failure: Exception | None = None
     if rank == 0:
-        load()
-        full = system.state_dict()  # references to the loaded tensors, no copies
-        payload = [(meta_skeleton(getattr(system, part)), {name: getattr(system, name) for name in state})]
+        try:
+            load()
+            full = system.state_dict()  # references to the loaded tensors, no copies
+            payload = [(meta_skeleton(getattr(system, part)), {name: getattr(system, name) for name in state})]
+        except Exception as error:  # noqa: BLE001 - sent on, so no rank waits for a skeleton that never comes
+            failure = error
+            payload = [_Failure(isinstance(error, UserError), str(error) or type(error).__name__)]
     dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    if isinstance(payload[0], _Failure):
+        raise payload[0].error()
     if rank != 0:
         skeleton, attributes = payload[0]
         setattr(system, part, skeleton)
