@@ -124,6 +124,8 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
             value = (init_args.get(section) or {}).pop(key, None)
             if value:
                 named[f"{section}.{key}"] = str(value)
+            if value and Path(str(value)).exists():  # a local folder or file: its architecture is built from
+                init_args[section][key] = value  # its config files (building reads no weights)
     quantization = (init_args.get("comprehension") or {}).pop("quantization", None)
     (init_args.get("comprehension") or {}).pop("dtype", None)
     for section in SECTIONS:  # the plan applies checkpointing itself (PlanSettings); count the plain forward
