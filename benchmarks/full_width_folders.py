@@ -74,7 +74,13 @@ def iaa_clip_config(depths: Depths = FULL_DEPTHS, small: bool = False) -> dict[s
     if small:
         return {
             "embed_dim": 768,
-            "vision_cfg": {"image_size": 28, "layers": depths.clip_layers, "width": 64, "head_width": 32, "patch_size": 14},
+            "vision_cfg": {
+                "image_size": 28,
+                "layers": depths.clip_layers,
+                "width": 64,
+                "head_width": 32,
+                "patch_size": 14,
+            },
             "text_cfg": {"context_length": 77, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
             "quick_gelu": True,
         }
@@ -170,7 +176,9 @@ def llama_tokenizer() -> Any:
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     tokenizer = LlamaTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", padding_side="left",
         model_max_length=4096, add_bos_token=True, add_eos_token=False,
@@ -192,7 +200,8 @@ def write_clip_tokenizer(directory: Path) -> None:
     alphabet = _byte_alphabet()
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
     vocab = {token: index for index, token in enumerate(tokens)}
-    letters = [c for c in string.ascii_lowercase + string.digits] + [c for c in alphabet if c not in string.ascii_lowercase + string.digits]
+    first = string.ascii_lowercase + string.digits
+    letters = list(first) + [c for c in alphabet if c not in first]
     merges: list[str] = []
     for left in letters:  # letter pairs first, word ends before word middles
         for right in letters:

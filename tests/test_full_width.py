@@ -1,0 +1,190 @@
+"""Full width on a CPU: the real-format folders (fast, at small widths) and the whole chain (slow, real widths).
+
+The fast tests write :mod:`benchmarks.full_width_folders`' three folders with ``small=True`` (the real
+layouts, tokenizers and special ids; narrow towers) and load them with the calls the full preset uses;
+the full-width configs are checked without building anything. The slow test runs the chain of
+``lightning_configs/full_width_cpu.yaml`` from the folders it writes (reused when stamped) to 512² edits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "benchmarks"))
+
+import full_width_folders as fw  # noqa: E402
+
+OVERLAY = REPOSITORY / "lightning_configs" / "full_width_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def small_folders(tmp_path_factory) -> dict[str, Path]:
+    return fw.write_full_width_folders(tmp_path_factory.mktemp("fw"), small=True)
+
+
+def test_llava_folder_has_llava_hf_layout_and_special_tokens(small_folders):
+    from transformers import AutoTokenizer, LlavaConfig
+
+    folder = small_folders[fw.LLAVA_DIR]
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+    } <= names
+    shards = sorted(n for n in names if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    assert any(n.startswith("chat_template") for n in names)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<image>", "<pad>"])
+    assert ids == [0, 1, 2, 32000, 32001] and len(tokenizer) == 32002 and tokenizer.pad_token_id == 32001
+    encoded = tokenizer("USER: <image>\nRemove the red circle. ASSISTANT:").input_ids
+    assert encoded[0] == 1 and encoded.count(32000) == 1 and 0 not in encoded  # <s> first, no <unk>
+    config = LlavaConfig.from_pretrained(folder)
+    assert (config.image_token_index, config.pad_token_id, config.text_config.vocab_size) == (32000, 32001, 32064)
+    assert config.vision_feature_layer == -2 and config.vision_config.num_hidden_layers >= 2
+    assert json.loads((folder / "generation_config.json").read_text())["pad_token_id"] == 32001
+
+
+def test_instruct_pix2pix_folder_has_the_diffusers_layout_and_clip_tokens(small_folders):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    folder = small_folders[fw.PIX2PIX_DIR]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
+    for part, files in {"unet": ("config.json", "diffusion_pytorch_model.safetensors"),
+                        "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
+                        "text_encoder": ("config.json", "model.safetensors"),
+                        "tokenizer": ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"),
+                        "scheduler": ("scheduler_config.json",),
+                        "feature_extractor": ("preprocessor_config.json",)}.items():  # fmt: skip
+        assert all((folder / part / name).is_file() for name in files), part
+        assert part in index
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    assert len(tokenizer) == 49408 and (tokenizer.bos_token_id, tokenizer.eos_token_id) == (49406, 49407)
+    ids = tokenizer("a photo of a cat").input_ids
+    assert ids[0] == 49406 and ids[-1] == 49407 and max(ids[1:-1]) < 49406
+    assert UNet2DConditionModel.load_config(folder, subfolder="unet")["in_channels"] == 8
+
+
+def test_iaa_clip_file_loads_through_bridging_clip_pretrained(small_folders):
+    from safetensors.torch import load_file
+
+    from insightedit.errors import UserError
+    from insightedit.models.bridging.iaa import build_clip_image_encoder
+
+    folder = small_folders[fw.CLIP_DIR]
+    config = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    assert config == fw.iaa_clip_config(small=True)
+    encoder = build_clip_image_encoder(config, pretrained=str(folder / fw.CLIP_FILE))
+    encoder.load_pretrained()
+    saved = load_file(str(folder / fw.CLIP_FILE))
+    for name, tensor in encoder.visual.state_dict().items():
+        assert torch.equal(tensor, saved[f"visual.{name}"]), name
+    with pytest.raises(UserError, match="local open_clip checkpoint file"):
+        build_clip_image_encoder(config, pretrained="openai")
+
+
+def test_folders_are_written_once_and_rewritten_when_the_stamp_changes(small_folders, monkeypatch):
+    out = small_folders[fw.LLAVA_DIR].parent
+    before = {name: (path / fw.STAMP).stat().st_mtime_ns for name, path in small_folders.items()}
+    fw.write_full_width_folders(out, small=True)  # stamped: nothing rewritten
+    assert {name: (path / fw.STAMP).stat().st_mtime_ns for name, path in small_folders.items()} == before
+    calls = []
+
+    def stand_in(path, depths, small):
+        calls.append(path)
+        path.mkdir(exist_ok=True)
+
+    monkeypatch.setattr(fw, "VERSION", "stale")
+    for name in (fw.CLIP_DIR, fw.LLAVA_DIR, fw.PIX2PIX_DIR):
+        monkeypatch.setitem(fw.WRITERS, name, stand_in)
+    fw.write_full_width_folders(out, small=True)
+    assert len(calls) == 3 and not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_full_width_configs_keep_every_real_width():
+    llava = fw.llava_config()
+    text, vision = llava.text_config, llava.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_attention_heads) == (4096, 11008, 32)
+    assert text.vocab_size == 32064
+    assert (vision.hidden_size, vision.image_size, vision.patch_size, vision.num_attention_heads) == (1024, 336, 14, 16)
+    assert (text.num_hidden_layers, vision.num_hidden_layers) == (2, 3)
+    unet = fw.unet_config()
+    assert tuple(unet["block_out_channels"]) == (320, 640, 1280, 1280)
+    assert (unet["in_channels"], unet["cross_attention_dim"], unet["layers_per_block"]) == (8, 768, 1)
+    assert tuple(fw.vae_config()["block_out_channels"]) == (128, 256, 512, 512)
+    assert fw.text_encoder_config()["hidden_size"] == 768
+    clip = fw.iaa_clip_config()
+    assert (clip["embed_dim"], clip["vision_cfg"]["width"], clip["vision_cfg"]["patch_size"]) == (768, 1024, 14)
+
+
+def test_overlay_names_the_folders_the_script_writes_by_default():
+    overlay = yaml.safe_load(OVERLAY.read_text())["model"]["init_args"]
+    assert overlay["comprehension"]["pretrained"] == (fw.DEFAULT_OUT / fw.LLAVA_DIR).as_posix()
+    assert overlay["generation"]["pretrained"] == (fw.DEFAULT_OUT / fw.PIX2PIX_DIR).as_posix()
+    assert overlay["bridging"]["clip_pretrained"] == (fw.DEFAULT_OUT / fw.CLIP_DIR / fw.CLIP_FILE).as_posix()
+    assert overlay["bridging"]["clip_model"] == fw.iaa_clip_config()  # the folder's open_clip_config.json
+
+
+# ---------------------------------------------------------------- the chain at real widths (slow)
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def _cli(*args: str, timeout: int = 3600) -> str:
+    result = subprocess.run([sys.executable, "-m", "insightedit", *args], cwd=REPOSITORY, env=ENV,
+                            capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+def test_full_width_chain_trains_tests_exports_and_edits(tmp_path):
+    """Folders -> fit stages 1, 2, 3 (each from the last) -> test 2 pairs -> export -> 512² edit per memory mode."""
+    from PIL import Image
+
+    fw.write_full_width_folders(REPOSITORY / fw.DEFAULT_OUT)  # reused when already written
+    runs = tmp_path / "runs"
+    common = ["--config", str(OVERLAY), f"--trainer.default_root_dir={runs}/stage${{model.init_args.stage}}"]
+    for stage in (1, 2, 3):
+        extra = [f"--model.init_args.init_from={runs}/stage{stage - 1}/last.ckpt"] if stage > 1 else []
+        out = _cli("fit", "--config", f"lightning_configs/stage{stage}.yaml", *common, *extra)
+        losses = [float(v) for v in re.findall(r"train/loss ([-+0-9.eE]+|nan|inf)", out)]
+        assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), out[-2000:]
+        assert (runs / f"stage{stage}" / "last.ckpt").is_file()
+        if stage > 1:
+            assert "init_from: loaded" in out and f"stage{stage - 1}/last.ckpt" in out
+    out = _cli("test", "--config", "lightning_configs/stage3.yaml", *common, f"--ckpt_path={runs}/stage3/last.ckpt")
+    report = json.loads((runs / "stage3" / "test_report.json").read_text())
+    assert "2 PNGs" in out and report
+    model = tmp_path / "model"
+    _cli("export", f"--ckpt_path={runs}/stage3/last.ckpt", f"--out={model}")
+    photo = tmp_path / "photo.png"
+    pixels = torch.zeros(512, 512, 3, dtype=torch.uint8)
+    pixels[..., 2], pixels[150:350, 150:350, 0] = 200, 220
+    Image.fromarray(pixels.numpy()).save(photo)
+    for mode in ("full", "low", "sequential", "4bit"):
+        flags = ["--4bit"] if mode == "4bit" else ["--memory", mode]
+        edited = tmp_path / f"edit-{mode}.png"
+        _cli("edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
+             f"--out={edited}", "--steps=2", *flags)  # fmt: skip
+        assert Image.open(edited).size == (512, 512)
