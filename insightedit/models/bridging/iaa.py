@@ -119,8 +119,7 @@ class ClipImageEncoder(PretrainedPart, nn.Module):
                 f"bridging.clip_pretrained: {folder} is not a CLIP folder (no CLIP config.json there); build the "
                 f"tiny CLIP foundation with `{FOUNDATIONS_COMMAND}`, or give an open_clip checkpoint file"
             )
-        layers = len(getattr(getattr(self.visual, "transformer", None), "resblocks", []))
-        state = load_hf_clip_visual(folder, layers)
+        state = load_hf_clip_visual(folder)
         try:
             assign_or_copy(self.visual, state)
         except RuntimeError as error:  # another CLIP's widths, depth or patch size

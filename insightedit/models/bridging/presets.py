@@ -18,11 +18,14 @@ from insightedit.models.bridging.qformer import QFormerBridge
 
 CLIP_TWIN_SEED = 20250612
 
-# A tiny open_clip model (random init): only its image tower is kept; the text tower is the smallest
-# open_clip accepts.
+# A tiny open_clip model: only its image tower is kept; the text tower is the smallest open_clip accepts.
+# Its image tower has the tiny CLIP foundation's shapes (the tiny LLaVA's vision tower, TINY_VISION_CONFIG:
+# width 64, 2 layers, 4 heads, MLP 128, 8-px patches of 32 px, QuickGELU; projection 32), so
+# ``clip_pretrained: checkpoints/tiny/foundations/clip/export`` loads that CLIP (random without it).
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "mlp_ratio": 2.0, "patch_size": 8},
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }
 
@@ -184,7 +187,8 @@ def build_bridging(
         clip_dim: the IAA embedding width; must equal the CLIP model's embedding width.
         num_queries: Q-Former queries (77, the text condition's length).
         use_bim: run the BIM in ``forward`` (settable later as ``model.use_bim``).
-        clip_pretrained: ``None`` (random CLIP, no download), a local open_clip checkpoint, or a tag.
+        clip_pretrained: ``None`` (random CLIP, no download), a local open_clip checkpoint, a tag, or a
+            transformers CLIP folder (tiny: ``checkpoints/tiny/foundations/clip/export``).
         device: where to build; ``"meta"`` builds shapes only.
         with_bim, with_mapper: build the BIM / the IAA Mapper and its CLIP at all.
         size_overrides: any other :class:`BridgingSizes` field (``qformer_layers``, ``bim_dim``...).
