@@ -318,8 +318,9 @@ def build_mgie(
     generation_args["image_embed_dim"] = 0
     mllm = build_comprehension(preset=preset, **{"num_mm_tokens": NUM_VISUAL_TOKENS, **(comprehension or {})})
     generator = EditGenerator(preset=preset, **generation_args)
-    reference = next(mllm.parameters())
-    with torch.device("meta") if reference.is_meta else nullcontext():
+    # on meta only for a shapes-only build: an MLLM on meta whose weights come at the load step has a real head
+    shapes_only = next(mllm.parameters()).is_meta and not mllm.pretrained_pending
+    with torch.device("meta") if shapes_only else nullcontext():
         edit_head = EditHead(
             d_llm=mllm.hidden_size,
             text_dim=int(generator.unet.unet.config.cross_attention_dim),
