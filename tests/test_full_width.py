@@ -164,16 +164,17 @@ def test_full_width_chain_trains_tests_exports_and_edits(tmp_path):
 
     fw.write_full_width_folders(REPOSITORY / fw.DEFAULT_OUT)  # reused when already written
     runs = tmp_path / "runs"
-    common = ["--config", str(OVERLAY), f"--trainer.default_root_dir={runs}/stage${{model.init_args.stage}}"]
     for stage in (1, 2, 3):
         extra = [f"--model.init_args.init_from={runs}/stage{stage - 1}/last.ckpt"] if stage > 1 else []
-        out = _cli("fit", "--config", f"lightning_configs/stage{stage}.yaml", *common, *extra)
+        out = _cli("fit", "--config", f"lightning_configs/stage{stage}.yaml", "--config", str(OVERLAY),
+                   f"--trainer.default_root_dir={runs}/stage{stage}", *extra)  # fmt: skip
         losses = [float(v) for v in re.findall(r"train/loss ([-+0-9.eE]+|nan|inf)", out)]
         assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), out[-2000:]
         assert (runs / f"stage{stage}" / "last.ckpt").is_file()
         if stage > 1:
             assert "init_from: loaded" in out and f"stage{stage - 1}/last.ckpt" in out
-    out = _cli("test", "--config", "lightning_configs/stage3.yaml", *common, f"--ckpt_path={runs}/stage3/last.ckpt")
+    out = _cli("test", "--config", "lightning_configs/stage3.yaml", "--config", str(OVERLAY),
+               f"--trainer.default_root_dir={runs}/stage3", f"--ckpt_path={runs}/stage3/last.ckpt")  # fmt: skip
     report = json.loads((runs / "stage3" / "test_report.json").read_text())
     assert "2 PNGs" in out and report
     model = tmp_path / "model"
@@ -188,3 +189,13 @@ def test_full_width_chain_trains_tests_exports_and_edits(tmp_path):
         _cli("edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
              f"--out={edited}", "--steps=2", *flags)  # fmt: skip
         assert Image.open(edited).size == (512, 512)
+    import bitsandbytes as bnb
+
+    from insightedit.pipeline import EditPipeline
+
+    for quantization, layer in (("4bit", bnb.nn.Linear4bit), ("8bit", bnb.nn.Linear8bitLt)):  # the API takes both
+        pipeline = EditPipeline.from_pretrained(model, device="cpu", quantization=quantization, memory_mode="low")
+        quantized = [m for m in pipeline.editor.mllm.modules() if isinstance(m, layer)]
+        assert len(quantized) >= 7 * fw.FULL_DEPTHS.llm_layers  # q, k, v, o, gate, up, down of every LLM layer
+        result = pipeline(Image.open(photo), "remove the red square", num_inference_steps=2, seed=0)
+        assert result.images[0].size == (512, 512)
