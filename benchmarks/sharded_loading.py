@@ -98,7 +98,7 @@ def run_config(root: Path, llava: Path, callback_folder: Path) -> Path:
     config["model"]["init_args"].setdefault("comprehension", {})["pretrained"] = str(llava)
     trainer = config["trainer"]
     trainer.update(max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
-                   logger=False, enable_checkpointing=False, default_root_dir=str(root / "run"))  # fmt: skip
+                   logger=False, enable_checkpointing=False, default_root_dir=str(callback_folder / "run"))  # fmt: skip
     callback = {"class_path": "sharded_loading.PeakHostMemory", "init_args": {"folder": str(callback_folder)}}
     trainer["callbacks"] = [callback]
     data = config["data"]["init_args"]
@@ -202,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": summary,
         "note": (
-            "before: each rank holds the whole loaded model until configure_model shards it; after: rank 0 "
-            "holds it once (it reads the files), rank 1 only its shard and one tensor in flight. With N ranks "
-            "the before-total grows as N full copies, the after-total as one copy plus N shards."
+            "At start, before: every rank holds the whole loaded model until configure_model shards it; after: "
+            "rank 0 holds it once (it reads the files) together with its shard, every other rank only its "
+            "shard and one tensor in flight. With N ranks the before-total grows as N full copies, the "
+            "after-total as one copy plus N shards. The first step adds its own working set (gathered blocks, "
+            "activations, LoRA gradients through every layer) on every rank, so through step 1 the ranks "
+            "other than 0 end near the before-path's peak on this small model; at 7B the model is the larger part."
         ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
