@@ -27,7 +27,7 @@ from insightedit.models.text_encoder import tiny_clip_text_config
 from insightedit.systems.foundation_clip import FoundationClipSystem
 
 RECIPE = REPO / "lightning_configs" / "tiny" / "foundations" / "clip.yaml"
-STEPS = 3
+STEPS = 4  # a multiple of the checkpoint interval (2): last.ckpt holds the exported weights
 # a large red circle bottom left, a small blue square bottom right, a small green triangle top right (32 px)
 CIRCLE, SQUARE, TRIANGLE = SceneObject("circle", "red", 7, 24, 5), SceneObject("square", "blue", 25, 24, 2), \
     SceneObject("triangle", "green", 25, 6, 3)  # fmt: skip
