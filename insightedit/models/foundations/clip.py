@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from insightedit.data.images import CLIP_MEAN, CLIP_STD
 from insightedit.models.comprehension.presets import TINY_VISION_CONFIG
 from insightedit.models.text_encoder import tiny_clip_text_config, tiny_clip_tokenizer
 
@@ -39,14 +38,6 @@ def tiny_clip_config() -> CLIPConfig:
         vision_config=dict(TINY_VISION_CONFIG),
         projection_dim=TINY_PROJECTION_DIM,
     )
-
-
-def clip_normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) -> CLIP-normalised float pixels (B, 3, H, W), as ``clip_preprocess`` at their size."""
-    pixels = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels - mean) / std
 
 
 class TinyClip(nn.Module):
