@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from insightedit.foundation_paths import check_foundation_paths
+
 # open_clip's ``ViT-L-14`` + ``openai`` (the full preset's CLIP): the hub repo and the files open_clip reads
 # from it (safetensors first). tests/test_hub_weights.py checks this against open_clip's own table.
 FULL_CLIP_MODEL = "ViT-L-14"
@@ -169,4 +171,5 @@ def check_model_config(model: Any) -> None:
     as_dict = model.as_dict() if hasattr(model, "as_dict") else model
     init_args = as_dict.get("init_args") if isinstance(as_dict, Mapping) else None
     if isinstance(init_args, Mapping):
+        check_foundation_paths(init_args)  # a tiny foundation not built yet: how to build it
         check_hub_weights(configured_hub_weights(init_args))

@@ -16,6 +16,7 @@ from insightedit.cli import main
 from insightedit.commands import foundations as command
 from insightedit.commands.foundations import FOUNDATIONS, STAMP, FoundationBuilder
 from insightedit.errors import UserError
+from insightedit.foundation_paths import check_foundation_paths, missing_foundations
 
 METRICS = {"clip": {"retrieval_top1": 0.95}, "mllm": {"answer_accuracy": 0.91}}
 
@@ -165,3 +166,25 @@ def test_command_line(tmp_path: Path, configs: Path, monkeypatch: pytest.MonkeyP
     assert main(["foundations", "--steps-scale", "0"]) == 2
     assert main(["foundations", "--configs", str(tmp_path / "none")]) == 2
     assert "recipe" in capsys.readouterr().err
+
+
+def test_a_missing_foundation_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight option naming an unbuilt foundation (in a ``foundations`` folder or the root): how to build it."""
+    root = tmp_path / "root"
+    monkeypatch.setenv("INSIGHTEDIT_FOUNDATIONS", str(root))
+    init_args = {
+        "comprehension": {"pretrained": str(root / "mllm" / "export")},
+        "generation": {"pretrained": "checkpoints/tiny/foundations/instruct_pix2pix/last.ckpt", "text_encoder": None},
+        "bridging": {"clip_pretrained": str(tmp_path / "elsewhere" / "clip.pt")},  # not a foundation: the loader's
+    }
+    assert missing_foundations(init_args) == [
+        ("comprehension.pretrained", str(root / "mllm" / "export")),
+        ("generation.pretrained", "checkpoints/tiny/foundations/instruct_pix2pix/last.ckpt"),
+    ]
+    with pytest.raises(UserError) as error:
+        check_foundation_paths(init_args)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"comprehension.pretrained: {root}/mllm/export not found (and 1")
+    assert "`insightedit foundations`" in message
+    (root / "mllm" / "export").mkdir(parents=True)
+    assert [option for option, _ in missing_foundations(init_args)] == ["generation.pretrained"]
