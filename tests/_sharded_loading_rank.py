@@ -50,7 +50,7 @@ with deferred_pretrained_loading():
 built_meta = sum(p.is_meta for p in system.parameters())
 pending = system.loading_pending
 shard = lambda: shard_system(system, mesh, system.sharding)  # noqa: E731 - what configure_model passes
-load_into_shards(system, system.finish_loading, shard, state=("_carried",))
+load_into_shards(system, system.finish_loading, shard, state=("_carried",), group_bytes=256 * 1024)  # many groups
 
 gathered = {}
 for name, parameter in system.named_parameters():  # the same order on every rank: full_tensor() is collective

@@ -147,7 +147,7 @@ def _load_into_shards(system: EditorSystem, mesh) -> None:
     from insightedit.training.sharding import shard_system
 
     shard = lambda: shard_system(system, mesh, system.sharding)  # noqa: E731 - what configure_model passes
-    load_into_shards(system, system.finish_loading, shard, state=("_carried",))
+    load_into_shards(system, system.finish_loading, shard, state=("_carried",), group_bytes=256 * 1024)
 
 
 def test_one_rank_loads_into_its_shards_what_one_process_loads(tmp_path, one_rank):

@@ -8,15 +8,18 @@ nothing; then, in ``configure_model`` (:func:`load_into_shards`):
 
 1. rank 0 alone runs the loading step as a single process would (``pretrained``, the stage's freezing,
    ``init_from``), with the random state the constructor left, so its model is the single-process model;
-2. rank 0 sends the other ranks a *skeleton* of that editor: the same modules, names, dtypes,
-   ``requires_grad`` flags, tokenizers and settings, every weight on ``meta`` (no memory) except the
-   non-persistent buffers (small, outside any state dict), which travel with their values;
-3. every rank shards (``fully_shard``: meta parameters become meta shards, rank 0's real ones real shards);
+2. rank 0 keeps the loaded tensors in a state dict and every rank (rank 0 too) swaps the editor for a
+   *skeleton* of rank 0's: the same modules, names, dtypes, ``requires_grad`` flags, tokenizers and
+   settings, every weight on ``meta`` (no memory) except the non-persistent buffers (small, outside any
+   state dict), which travel with their values;
+3. every rank shards (``fully_shard``: meta parameters become meta shards);
 4. ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` broadcasts rank 0's
-   tensors one at a time; each rank keeps only its shard of each.
+   tensors, a group of about 512 MiB per call; each rank keeps only its shard of each, and rank 0 frees
+   the full tensors of each group once sent.
 
-Host memory at start: rank 0 holds the loaded model once (plus its shard), every other rank its shard
-plus one tensor in flight, whatever the number of ranks (measured: ``benchmarks/sharded_loading.py``).
+Host memory at start: rank 0 holds the loaded model once (its shards take the place of what it has sent),
+every other rank its shards plus one group in flight, whatever the number of ranks (measured:
+``benchmarks/sharded_loading.py``).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def load_into_shards(
     shard: Callable[[], None],
     part: str = "editor",
     state: tuple[str, ...] = (),
+    group_bytes: int = 512 * 1024**2,
 ) -> None:
     """Run ``load`` on rank 0 only, give the other ranks its skeleton, ``shard`` everywhere, broadcast the weights.
 
@@ -98,6 +102,8 @@ def load_into_shards(
         shard: applies ``fully_shard`` to ``system`` (on every rank, after the skeleton is in place).
         part: the child of ``system`` that ``load`` changes (replaced by rank 0's skeleton elsewhere).
         state: other attributes of ``system`` that ``load`` sets (sent from rank 0 as they are).
+        group_bytes: how much rank 0 broadcasts per ``set_model_state_dict`` call; it frees each group's
+            full tensors after sending them, so it never holds the loaded model and all its shards at once.
 
     Needs an initialised default process group whose ranks all shard ``system`` (data parallel only).
     """
@@ -121,16 +127,39 @@ def load_into_shards(
         raise failure
     if isinstance(payload[0], _Failure):
         raise payload[0].error()
+    skeleton, attributes = payload[0]
+    payload.clear()
+    setattr(system, part, skeleton)  # rank 0 too: the loaded tensors now live only in ``full``
     if rank != 0:
-        skeleton, attributes = payload[0]
-        setattr(system, part, skeleton)
         for name, value in attributes.items():
             setattr(system, name, value)
-    payload.clear()
-    shard()
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(system, full, options=options)
-    full.clear()
+    del skeleton
+    shard()  # meta parameters become meta shards, on every rank
+    # a group of tensors at a time: each rank fills its shards, and rank 0 frees the full tensors sent
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for group in _groups(full, rank, group_bytes):
+        set_model_state_dict(system, {name: full.pop(name) for name in group}, options=options)
+    left = sorted(name for name, value in system.state_dict().items() if value.is_meta)
+    if left:  # the skeleton has rank 0's names, so this is a bug, never a user's error
+        raise RuntimeError(f"sharded loading left {len(left)} tensors on meta, e.g. {left[:3]}")
+
+
+def _groups(full: dict[str, Any], rank: int, group_bytes: int) -> Iterator[list[str]]:
+    """Rank 0's tensor names in groups of about ``group_bytes``; the same number of groups on every rank."""
+    import torch.distributed as dist
+
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, value in full.items():
+        if size >= group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    count = [len(groups) if rank == 0 else 0]
+    dist.broadcast_object_list(count, src=0)
+    for index in range(int(count[0])):
+        yield groups[index] if rank == 0 else []
 
 
 __all__ = ["deferred_pretrained_loading", "load_into_shards", "loading_is_deferred", "meta_skeleton"]
