@@ -52,7 +52,10 @@ class EditorSystem(L.LightningModule):
         warmup_steps: linear warmup, then cosine decay to 10% over the run.
         evaluation: settings of ``insightedit test`` (:class:`insightedit.evaluation.model_test.TestSettings`).
         sharding: FSDP2 settings used under ``ModelParallelStrategy`` / ``FSDP2Strategy``
-            (:class:`insightedit.training.sharding.ShardingSettings`); ignored by other strategies.
+            (:class:`insightedit.training.sharding.ShardingSettings`); ignored by other strategies. Under
+            FSDP2 the CLI builds the system with its loading step (``pretrained``, ``init_from``) deferred
+            to ``configure_model``, after sharding, on rank 0 only (``loading_pending``; see
+            :mod:`insightedit.training.sharded_loading`); :meth:`finish_loading` runs it outside Lightning.
         prediction: settings of ``insightedit predict``: output folder and sampling
             (:class:`insightedit.systems.prediction.PredictSettings`).
     """
