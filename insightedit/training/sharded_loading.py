@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +130,9 @@ def load_into_shards(
         raise payload[0].error()
     skeleton, attributes = payload[0]
     payload.clear()
-    setattr(system, part, skeleton)  # rank 0 too: the loaded tensors now live only in ``full``
+    _release(getattr(system, part))  # the loaded (or built) tensors now live only in ``full``, even if
+    setattr(system, part, skeleton)  # something still holds the old editor (a reference cycle, a hook)
+    gc.collect()  # and whatever the loaders left in reference cycles (a transient from_pretrained model)
     if rank != 0:
         for name, value in attributes.items():
             setattr(system, name, value)
@@ -142,6 +145,13 @@ def load_into_shards(
     left = sorted(name for name, value in system.state_dict().items() if value.is_meta)
     if left:  # the skeleton has rank 0's names, so this is a bug, never a user's error
         raise RuntimeError(f"sharded loading left {len(left)} tensors on meta, e.g. {left[:3]}")
+
+
+def _release(module: nn.Module) -> None:
+    """Drop ``module``'s own references to its parameters and buffers (it is not used again)."""
+    for owner in module.modules():
+        owner._parameters.clear()
+        owner._buffers.clear()
 
 
 def _groups(full: dict[str, Any], rank: int, group_bytes: int) -> Iterator[list[str]]:
