@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +39,62 @@ def pytest_report_header(config: pytest.Config) -> str:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Locally built assets (tiny tokenizers) go to a per-session temporary cache."""
     monkeypatch.setenv("INSIGHTEDIT_CACHE", str(tmp_path_factory.getbasetemp() / "insightedit-cache"))
+
+
+# ------------------------------------------------------------------------------------- tiny foundations
+FOUNDATIONS_ENV = "INSIGHTEDIT_FOUNDATIONS"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _foundation_inputs_digest() -> str:
+    """A digest of what the micro-foundations are built from: the package, the tiny recipes, their settings."""
+    digest = hashlib.sha256()
+    files = sorted([*(REPO / "insightedit").rglob("*.py"), *(REPO / "lightning_configs" / "tiny").rglob("*.yaml")])
+    for path in [*files, REPO / "tests" / "_foundations.py"]:
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_foundations(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Micro-foundations (tests/_foundations.py) as ``$INSIGHTEDIT_FOUNDATIONS``, which the tiny configs read.
+
+    Built once per change of the package or the tiny configs and kept in pytest's cache (a few minutes
+    on a busy machine, none after), under a lock so that concurrent sessions build them once.
+    """
+    from _foundations import build_micro_foundations
+    from filelock import FileLock
+
+    cache = request.config.cache
+    base = Path(cache.mkdir("tiny-foundations")) if cache is not None else tmp_path_factory.mktemp("foundations")
+    root = base / _foundation_inputs_digest()
+    with FileLock(str(base / "build.lock")):
+        if not (root / "complete").is_file():
+            for old in base.iterdir():  # other versions' foundations
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+            env = {k: v for k, v in os.environ.items() if k not in (FOUNDATIONS_ENV, "INSIGHTEDIT_DEBUG")}
+            env.update(OMP_NUM_THREADS=str(TEST_THREADS), PYTHONPATH=str(REPO))
+            build_micro_foundations(root, env)
+            (root / "complete").write_text("")
+    previous = os.environ.get(FOUNDATIONS_ENV)
+    os.environ[FOUNDATIONS_ENV] = str(root)  # child processes (insightedit fit) inherit it
+    yield root
+    if previous is None:
+        os.environ.pop(FOUNDATIONS_ENV, None)
+    else:
+        os.environ[FOUNDATIONS_ENV] = previous
+
+
+@functools.cache
+def _reads_tiny_configs(module_path: Path) -> bool:
+    """Whether a test module runs the zoo's tiny configs (they start from the foundations)."""
+    text = module_path.read_text()
+    return "tiny" in text and ("lightning_configs" in text or "_training_runs" in text)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_configs_start_from_foundations(request: pytest.FixtureRequest) -> None:
+    """Tests in modules that run the tiny configs get :func:`tiny_foundations`."""
+    if _reads_tiny_configs(Path(str(request.node.path))):
+        request.getfixturevalue("tiny_foundations")

@@ -50,7 +50,7 @@ def _without_weights(model: dict) -> dict:
         model["init_from"] = None
     model.pop("pretrained", None)
     for section in ("comprehension", "generation", "head"):
-        for key in ("pretrained", "dtype"):
+        for key in ("pretrained", "dtype", "text_encoder"):
             (model.get(section) or {}).pop(key, None)
     (model.get("bridging") or {}).pop("clip_pretrained", None)
     return model
@@ -171,9 +171,10 @@ def test_tiny_members_train_on_the_same_terms_as_insightedit():
         assert trainer == expected
         model, same = config["model"]["init_args"], dict(reference["model"]["init_args"])
         assert model.pop("member") == name and same.pop("member") == "insightedit"
-        if "mapper" not in get_member(name).editor_class().groups:  # no IAA: no image tokens to set
+        if "mapper" not in get_member(name).editor_class().groups:  # no IAA: no image tokens, no CLIP target
             for key in ("num_image_tokens", "image_scale"):
                 same["generation"] = {k: v for k, v in same["generation"].items() if k != key}
+            same.pop("bridging")
         assert model == same
 
 
@@ -218,7 +219,8 @@ def test_tiny_instruct_pix2pix_fits_and_its_unet_starts_the_other_tiny_members(t
     prefix = "editor.generation.unet.unet."
     unet = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     assert unet and set(checkpoint["state_dict"]) == {prefix + k for k in unet}  # the UNet: all it trains
-    tiny3 = yaml.safe_load((CONFIGS / "tiny" / "smartedit.yaml").read_text())["model"]["init_args"]
+    raw = yaml.safe_load((CONFIGS / "tiny" / "smartedit.yaml").read_text())
+    tiny3 = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)["model"]["init_args"]  # the foundations root
     generation = {**tiny3["generation"], "pretrained": str(last)}
     started = EditorSystem(member="smartedit", preset="tiny", stage=3, generation=generation)
     loaded = started.editor.generation.unet.unet.state_dict()

@@ -145,7 +145,11 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
     try:
         with _quiet_open_clip():
             if init_args.get("preset") == "tiny":  # small enough to build for real (its tokenizer needs real tensors)
-                return build(), named, quantization
+                from insightedit.models.loading import load_pretrained
+
+                model = build()
+                load_pretrained(model)  # a local folder's tiny weights (the tiny foundations): no part left on meta
+                return model, named, quantization
             with torch.device("meta"):
                 return build(), named, quantization
     except (TypeError, ValueError) as error:
