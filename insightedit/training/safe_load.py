@@ -14,6 +14,7 @@ import importlib
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,10 @@ def load_checkpoint(path: str | Path, what: str = "", map_location: str | torch.
     try:
         with warnings.catch_warnings():  # a plain pickle's protocol notice would precede the one-line error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            # mmap: a tensor is read when used, so the optimizer states of a full-size last.ckpt (GiBs) that
+            # export and init_from never touch stay on disk (the zip format only; older files load whole)
+            mmap = zipfile.is_zipfile(path)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - code asked for, truncated zip, bad magic: one line
         raise checkpoint_error(path, error, what) from None
 
