@@ -15,7 +15,14 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionMode
 
 from insightedit.data.foundation_captions import CaptionStream, HeldOutCaptions, SceneCaptionDataModule, caption_pair
 from insightedit.data.images import clip_preprocess
-from insightedit.data.scene_captions import MAX_TOKENS, largest_index, scene_captions, size_word, token_count
+from insightedit.data.scene_captions import (
+    MAX_TOKENS,
+    largest_index,
+    scene_captions,
+    size_word,
+    token_count,
+    true_captions,
+)
 from insightedit.data.scenes import Scene, SceneObject, random_scene, to_image
 from insightedit.errors import UserError
 from insightedit.models.bridging.presets import build_bridging
@@ -103,7 +110,11 @@ def test_pixels_are_the_projects_clip_preprocessing_and_streams_are_disjoint() -
     module = SceneCaptionDataModule(num_val=8, batch_size=4)
     module.load_state_dict({"next_batch": 5})
     assert next(iter(module.train_dataloader()))["caption"] == stream.batch(5)["caption"]
-    assert len(next(iter(module.val_dataloader()))["caption"]) == 8  # the held-out set in one batch
+    held = next(iter(module.val_dataloader()))
+    assert len(held["caption"]) == 8  # the held-out set in one batch, each with the captions true of it
+    assert all(caption in true for caption, true in zip(held["caption"], held["true_captions"], strict=True))
+    assert true_captions(SCENE) >= set(scene_captions(SCENE, np.random.default_rng(5)))
+    assert "a blue square, a red circle and a green triangle" not in true_captions(SCENE)  # plain: left to right
 
 
 def test_retrieval_top1_on_a_hand_made_case() -> None:
@@ -116,6 +127,9 @@ def test_retrieval_top1_on_a_hand_made_case() -> None:
     assert image_to_text == pytest.approx(3 / 4)
     # caption 0 -> image 0 (right), 1 -> image 0 (wrong), 2 -> image 1 (wrong: "b"), 3 -> image 3 (right)
     assert text_to_image == pytest.approx(2 / 4)
+    # image 1's retrieved caption "c" is true of it too: right when the true captions are given
+    true = [frozenset({"a"}), frozenset({"b", "c"}), frozenset({"c"}), frozenset({"c"})]
+    assert retrieval_top1(images, texts, captions, true) == (pytest.approx(1.0), pytest.approx(3 / 4))
 
 
 def test_the_tiny_clip_has_the_twin_s_towers() -> None:
@@ -167,7 +181,7 @@ def test_a_short_fit_of_the_recipe_prints_logs_and_exports(fitted: tuple[Path, s
     assert 0.0 <= top1 <= 1.0
     line = next(line for line in stdout.splitlines() if line.startswith("clip foundation:"))
     assert f"held-out retrieval top-1 {top1:.3f}" in line and "among 16 scenes" in line
-    assert f"after {STEPS} steps" in line
+    assert f"after {STEPS} steps" in line and f"any true caption: {record['metric']['retrieval_top1_true']:.3f}" in line
     metrics = (next(root.rglob("metrics.csv"))).read_text()
     assert "val/retrieval_top1" in metrics and "train/loss" in metrics and "final/retrieval_top1" in metrics
     # the exported metric is the final weights' (recomputed here from last.ckpt on the same held-out scenes)

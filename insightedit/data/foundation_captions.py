@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from insightedit.data.images import CLIP_MEAN, CLIP_STD
-from insightedit.data.scene_captions import random_caption
+from insightedit.data.scene_captions import random_caption, true_captions
 from insightedit.data.scenes import random_scene
 
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
@@ -69,11 +69,28 @@ class CaptionStream(IterableDataset):
             number += step
 
 
+def held_out_pair(seed: int, index: int, size: int = 32, max_objects: int = 3) -> dict[str, Any]:
+    """:func:`caption_pair` of the held-out stream, with ``true_captions``: every caption true of its image."""
+    rng = np.random.default_rng([seed, HELD_OUT_STREAM, index])
+    scene = random_scene(rng, size, max_objects=max_objects)
+    pair = {"pixels": normalize_image(scene.render()), "caption": random_caption(scene, rng)}
+    return pair | {"true_captions": frozenset(true_captions(scene))}
+
+
+def collate_held_out(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the pixels; keep the captions and their ``true_captions`` sets as lists."""
+    return {
+        "pixels": torch.stack([item["pixels"] for item in items]),
+        "caption": [item["caption"] for item in items],
+        "true_captions": [item["true_captions"] for item in items],
+    }
+
+
 class HeldOutCaptions(Dataset):
     """The first ``count`` scenes of the held-out stream, built once."""
 
     def __init__(self, seed: int, count: int, size: int = 32, max_objects: int = 3) -> None:
-        self.items = [caption_pair(seed, HELD_OUT_STREAM, i, size, max_objects) for i in range(count)]
+        self.items = [held_out_pair(seed, i, size, max_objects) for i in range(count)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -128,7 +145,7 @@ class SceneCaptionDataModule(L.LightningDataModule):
         """All held-out pairs in one batch (retrieval ranks each against all the others)."""
         self.setup("validate")
         assert self.held_out is not None
-        return DataLoader(self.held_out, batch_size=len(self.held_out), shuffle=False)
+        return DataLoader(self.held_out, batch_size=len(self.held_out), shuffle=False, collate_fn=collate_held_out)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training stream stands (saved in checkpoints): the next batch's number (one batch a step)."""

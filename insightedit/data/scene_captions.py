@@ -11,6 +11,8 @@ function of the scene and the random generator given.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from insightedit.data.scenes import Scene, SceneObject, where
@@ -82,6 +84,21 @@ def _body(scene: Scene, phrasing: str, order: list[int]) -> str | None:
     raise ValueError(f"unknown phrasing {phrasing!r}; choose one of {PHRASINGS}")
 
 
+def _fitting(scene: Scene, phrasing: str, order: list[int]) -> str | None:
+    """The phrasing with its background if that fits the tokenizer, else without, else ``None``."""
+    body = _body(scene, phrasing, order)
+    if body is None:
+        return None
+    fitting = [t for t in (f"{body} {_background(scene)}", body) if token_count(t) <= MAX_TOKENS]
+    if not fitting and phrasing == "plain":  # three objects with the longest names fit; a changed world may not
+        raise ValueError(f"the plain caption of {len(scene.objects)} objects is over {MAX_TOKENS} tokens")
+    return fitting[0] if fitting else None
+
+
+def _left_to_right(scene: Scene) -> list[int]:
+    return sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].x, scene.objects[i].y))
+
+
 def scene_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     """Every phrasing of ``scene`` that fits the tokenizer, objects in an order drawn from ``rng``.
 
@@ -91,19 +108,33 @@ def scene_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
         return [f"an empty {scene.background_name()} background"]
     captions: list[str] = []
     for phrasing in PHRASINGS:
-        if phrasing == "positions" or phrasing == "plain":
-            order = sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].x, scene.objects[i].y))
+        if phrasing in ("positions", "plain"):
+            order = _left_to_right(scene)
         else:
             order = [int(i) for i in rng.permutation(len(scene.objects))]
-        body = _body(scene, phrasing, order)
-        if body is None:
-            continue
-        fitting = [t for t in (f"{body} {_background(scene)}", body) if token_count(t) <= MAX_TOKENS]
-        if fitting:
-            captions.append(fitting[0])
-        elif phrasing == "plain":  # three objects with the longest names fit: only a changed world breaks this
-            raise ValueError(f"the plain caption of {len(scene.objects)} objects is over {MAX_TOKENS} tokens")
+        text = _fitting(scene, phrasing, order)
+        if text is not None:
+            captions.append(text)
     return captions
+
+
+def true_captions(scene: Scene) -> set[str]:
+    """Every caption :func:`scene_captions` could give ``scene``, whatever the drawn object order.
+
+    A caption in this set is true of the scene's image, so retrieval may count it as right for it.
+    """
+    if not scene.objects:
+        return {f"an empty {scene.background_name()} background"}
+    found: set[str] = set()
+    for phrasing in PHRASINGS:
+        orders = [_left_to_right(scene)] if phrasing in ("positions", "plain") else itertools.permutations(
+            range(len(scene.objects))
+        )  # fmt: skip
+        for order in orders:
+            text = _fitting(scene, phrasing, list(order))
+            if text is not None:
+                found.add(text)
+    return found
 
 
 def random_caption(scene: Scene, rng: np.random.Generator) -> str:

@@ -19,7 +19,6 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
@@ -93,23 +92,28 @@ class TinyClip(nn.Module):
 
 
 def retrieval_top1(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list[str]
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    captions: list[str],
+    true_captions: list[frozenset[str]] | None = None,
 ) -> tuple[float, float]:
     """Zero-shot retrieval top-1 among N pairs: (image -> caption, caption -> image).
 
     Image ``i`` retrieves the caption with the highest cosine similarity among the N; it is correct when that
     caption's text equals caption ``i``'s (two scenes may share a caption word for word, and neither
-    retrieval can tell them apart). Likewise caption ``i`` retrieves an image, correct when that image's
-    caption text equals caption ``i``.
+    retrieval can tell them apart), or, given ``true_captions[i]`` (every caption true of image ``i``), when
+    it is one of those. Likewise caption ``i`` retrieves an image ``j``, correct when caption ``j``'s text
+    equals caption ``i``'s (or caption ``i`` is in ``true_captions[j]``).
     """
     image_embeds = nn.functional.normalize(image_embeds.float(), dim=-1)
     text_embeds = nn.functional.normalize(text_embeds.float(), dim=-1)
     similarity = image_embeds @ text_embeds.T  # (N images, N captions)
-    _, ids = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
-    same = torch.as_tensor(ids.reshape(-1))
-    image_to_text = (same[similarity.argmax(dim=1)] == same).float().mean().item()
-    text_to_image = (same[similarity.argmax(dim=0)] == same).float().mean().item()
-    return image_to_text, text_to_image
+    to_text, to_image = similarity.argmax(dim=1).tolist(), similarity.argmax(dim=0).tolist()
+    if true_captions is None:
+        true_captions = [frozenset([caption]) for caption in captions]
+    image_to_text = sum(captions[j] in true_captions[i] or captions[j] == captions[i] for i, j in enumerate(to_text))
+    text_to_image = sum(captions[i] in true_captions[j] or captions[j] == captions[i] for i, j in enumerate(to_image))
+    return image_to_text / len(captions), text_to_image / len(captions)
 
 
 FOUNDATION_FILE = "foundation.json"
