@@ -6,6 +6,7 @@ import functools
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,11 +47,19 @@ FOUNDATIONS_ENV = "INSIGHTEDIT_FOUNDATIONS"
 REPO = Path(__file__).resolve().parents[1]
 
 
+# what the micro-foundations are built from: the recipes, their systems, data and exports, and the builder
+FOUNDATION_SOURCES = (
+    "lightning_configs/tiny/**/*.yaml", "insightedit/models/foundations/*.py", "insightedit/systems/foundation_*.py",
+    "insightedit/data/scene*.py", "insightedit/data/foundation_*.py", "insightedit/commands/foundations.py",
+    "insightedit/models/text_encoder.py", "insightedit/callbacks/held_out.py", "tests/_foundations.py",
+)  # fmt: skip
+STALE_FOUNDATIONS_S = 6 * 3600  # other versions' micro-foundations are removed once unused this long
+
+
 def _foundation_inputs_digest() -> str:
-    """A digest of what the micro-foundations are built from: the package, the tiny recipes, their settings."""
+    """A digest of the files the micro-foundations are built from (:data:`FOUNDATION_SOURCES`)."""
     digest = hashlib.sha256()
-    files = sorted([*(REPO / "insightedit").rglob("*.py"), *(REPO / "lightning_configs" / "tiny").rglob("*.yaml")])
-    for path in [*files, REPO / "tests" / "_foundations.py"]:
+    for path in sorted({path for pattern in FOUNDATION_SOURCES for path in REPO.glob(pattern)}):
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -70,13 +79,14 @@ def tiny_foundations(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     root = base / _foundation_inputs_digest()
     with FileLock(str(base / "build.lock")):
         if not (root / "complete").is_file():
-            for old in base.iterdir():  # other versions' foundations
-                if old.is_dir():
+            for old in base.iterdir():  # other versions', unless a session may still use them
+                if old.is_dir() and time.time() - old.stat().st_mtime > STALE_FOUNDATIONS_S:
                     shutil.rmtree(old, ignore_errors=True)
             env = {k: v for k, v in os.environ.items() if k not in (FOUNDATIONS_ENV, "INSIGHTEDIT_DEBUG")}
             env.update(OMP_NUM_THREADS=str(TEST_THREADS), PYTHONPATH=str(REPO))
             build_micro_foundations(root, env)
             (root / "complete").write_text("")
+    os.utime(root)  # in use
     previous = os.environ.get(FOUNDATIONS_ENV)
     os.environ[FOUNDATIONS_ENV] = str(root)  # child processes (insightedit fit) inherit it
     yield root
