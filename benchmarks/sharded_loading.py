@@ -95,7 +95,10 @@ def write_large_llava(folder: Path, layers: int) -> Path:
 def run_config(root: Path, llava: Path, callback_folder: Path) -> Path:
     """tiny/stage3.yaml: one step of batch 1, no validation, checkpoints or logger; the large LLaVA; the callback."""
     config = yaml.safe_load((REPO / "lightning_configs" / "tiny" / "stage3.yaml").read_text())
-    config["model"]["init_args"].setdefault("comprehension", {})["pretrained"] = str(llava)
+    model = config["model"]["init_args"]
+    model.setdefault("comprehension", {})["pretrained"] = str(llava)
+    for section, key in (("generation", "pretrained"), ("generation", "text_encoder"), ("bridging", "clip_pretrained")):
+        (model.get(section) or {}).pop(key, None)  # the tiny foundations: not needed to compare the two paths
     trainer = config["trainer"]
     trainer.update(max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
                    logger=False, enable_checkpointing=False, default_root_dir=str(callback_folder / "run"))  # fmt: skip
