@@ -5,7 +5,7 @@ test) and expanded by bash (variables, line continuations, comments), with ``ins
 recorded instead of run. Then:
 
 * every step reads what the step before it made: each chained stage starts from the previous stage's
-  ``last.ckpt`` and the stand-in's UNet, every ``fit`` writes a folder of its own, ``test`` and
+  ``last.ckpt`` (the configs name the foundations' UNet), every ``fit`` writes a folder of its own, ``test`` and
   ``export`` read the chained stage 3, ``edit`` reads the exported folder (no run, fast);
 * the main job into a folder that holds a run: refused in one line before anything is built;
   ``--overwrite`` starts over without a ``last-v1.ckpt`` (one tiny in-process fit); and
@@ -36,7 +36,9 @@ from insightedit.lightning_cli import InsightEditCLI
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Set up, run, test"
 MAIN_JOB = ["insightedit", "fit", "--config", "lightning_configs/tiny/stage3.yaml"]
-SKIPPED = ("python3 -m venv", "pip install", "python -m pytest")  # installs and the test suite: not part of the walk
+# installs, the foundations (the session fixture's micro-foundations stand in: tests/_foundations.py) and the
+# test suite: not part of the walk
+SKIPPED = ("python3 -m venv", "pip install", "insightedit foundations", "python -m pytest")
 SEPARATOR = "\x1f"
 
 # what each subcommand gets appended in the runs here: one step, no validation, a 16-scene data set
@@ -115,10 +117,8 @@ def walk(commands: list[list[str]]) -> dict[str, list[str]]:
     folders = [run_folder(c) for c in fits]
     assert len(set(folders)) == len(folders), f"two fits write into one folder: {folders}"
     configs = [Path(option(c, "--config") or "").name for c in fits]
-    assert configs == ["stage3.yaml", "instruct_pix2pix.yaml", "stage1.yaml", "stage2.yaml", "stage3.yaml"], configs
-    main_job, stand_in, stage1, stage2, stage3 = fits
-    for stage in (stage1, stage2, stage3):  # the UNet of every stage starts from the stand-in's checkpoint
-        assert norm(option(stage, "--model.init_args.generation.pretrained")) == last_checkpoint(run_folder(stand_in))
+    assert configs == ["stage3.yaml", "stage1.yaml", "stage2.yaml", "stage3.yaml"], configs
+    main_job, stage1, stage2, stage3 = fits  # the tiny configs name the foundations' InstructPix2Pix stand-in
     assert option(stage1, "--model.init_args.init_from") is None
     for previous, stage in ((stage1, stage2), (stage2, stage3)):
         assert norm(option(stage, "--model.init_args.init_from")) == last_checkpoint(run_folder(previous))
@@ -134,7 +134,7 @@ def walk(commands: list[list[str]]) -> dict[str, list[str]]:
     synthetic = config_of(main_job)["data"]["init_args"]["synthetic"]
     data_root = f"data/synthetic-n{synthetic['num_images']}-s{synthetic['size']}-seed{synthetic['seed']}"
     assert Path(copy[1]).parts[:2] == Path(data_root).parts, f"cp reads outside the synthetic set {data_root}"
-    return {"main job": main_job, "stand-in": stand_in, "stage 1": stage1, "stage 2": stage2, "stage 3": stage3,
+    return {"main job": main_job, "stage 1": stage1, "stage 2": stage2, "stage 3": stage3,
             "test": test, "export": export, "cp": copy, "edit": edit, "data_root": [data_root]}
 
 
@@ -247,7 +247,7 @@ def test_the_readme_walk_runs_and_each_step_uses_the_previous_steps_output(tmp_p
     enter_checkout_like(tmp_path, monkeypatch)
     steps = walk(readme_commands())
     data_root = steps["data_root"][0]
-    for name in ("main job", "stand-in", "stage 1", "stage 2", "stage 3"):
+    for name in ("main job", "stage 1", "stage 2", "stage 3"):
         argv = steps[name]
         lightning_info.clear()
         code, err = run(argv, data_root, capsys)
