@@ -41,7 +41,7 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
 
@@ -77,7 +77,7 @@ class StepTimer(L.Callback):
 
 def load_config(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The model, data and trainer sections of a LightningCLI yaml (model/data ``init_args``)."""
-    config = yaml.safe_load(path.read_text())
+    config: Any = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=True)  # the foundations root
     return config["model"]["init_args"], config["data"]["init_args"], config.get("trainer", {})
 
 

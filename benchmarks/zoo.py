@@ -52,6 +52,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 from insightedit.data import AdvancedEditDataModule
@@ -87,8 +88,9 @@ def member_config(member: str) -> Path:
 
 
 def model_settings(path: Path) -> dict[str, Any]:
-    """The ``model.init_args`` of a LightningCLI yaml."""
-    return dict(yaml.safe_load(path.read_text())["model"]["init_args"])
+    """The ``model.init_args`` of a LightningCLI yaml, interpolations resolved (the foundations root)."""
+    config = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=True)
+    return dict(config["model"]["init_args"])  # type: ignore[index]
 
 
 def available_members(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
