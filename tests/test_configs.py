@@ -260,7 +260,8 @@ def test_overlay_composes_with_a_stage_and_instantiates(overlay, tmp_path, capsy
     for key in over.get("trainer", {}):
         if key in ("logger", "callbacks"):  # printed with every default of their classes: the overlay's are in them
             expected = resolved[key] if key == "logger" else dict(enumerate(resolved[key]))
-            _contained(expected, printed["trainer"][key] if key == "logger" else dict(enumerate(printed["trainer"][key])))
+            shown = printed["trainer"][key]
+            _contained(expected, shown if key == "logger" else dict(enumerate(shown)))
         elif key != "strategy":
             assert printed["trainer"][key] == resolved[key], key
     for key, value in (over.get("model", {}).get("init_args", {}).get("comprehension") or {}).items():
