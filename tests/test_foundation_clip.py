@@ -28,7 +28,8 @@ from insightedit.errors import UserError
 from insightedit.models.bridging.presets import build_bridging
 from insightedit.models.comprehension.presets import TINY_VISION_CONFIG, tiny_llava_config
 from insightedit.models.comprehension.tiny_tokenizer import train_tiny_tokenizer
-from insightedit.models.foundations.clip import FOUNDATION_FILE, TinyClip, retrieval_top1, tiny_clip_config
+from insightedit.models.foundations.clip import TinyClip, retrieval_top1, tiny_clip_config
+from insightedit.models.foundations.export import FOUNDATION_FILE
 from insightedit.models.loading import load_pretrained
 from insightedit.models.text_encoder import tiny_clip_text_config
 from insightedit.systems.foundation_clip import FoundationClipSystem

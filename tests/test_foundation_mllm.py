@@ -13,8 +13,8 @@ from insightedit.data.scene_questions import CAPTION_KIND, QUESTION_KINDS, ask, 
 from insightedit.data.scenes import Scene, SceneObject
 from insightedit.errors import UserError
 from insightedit.models.comprehension.presets import TINY_VISION_CONFIG, build_comprehension
+from insightedit.models.foundations.export import FOUNDATION_FILE
 from insightedit.models.foundations.mllm import (
-    FOUNDATION_FILE,
     AnswerTally,
     ConversationEncoder,
     build_foundation_llava,

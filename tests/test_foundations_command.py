@@ -172,6 +172,7 @@ def test_a_missing_foundation_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     """A weight option naming an unbuilt foundation (in a ``foundations`` folder or the root): how to build it."""
     root = tmp_path / "root"
     monkeypatch.setenv("INSIGHTEDIT_FOUNDATIONS", str(root))
+    monkeypatch.chdir(tmp_path)  # the relative path below must not find a checkout's built foundations
     init_args = {
         "comprehension": {"pretrained": str(root / "mllm" / "export")},
         "generation": {"pretrained": "checkpoints/tiny/foundations/instruct_pix2pix/last.ckpt", "text_encoder": None},

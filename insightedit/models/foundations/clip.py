@@ -10,13 +10,7 @@ retrieval between held-out images and captions. Nothing here imports Lightning.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import subprocess
-import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -24,6 +18,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from insightedit.models.comprehension.presets import TINY_VISION_CONFIG
+from insightedit.models.foundations.export import write_foundation_export
 from insightedit.models.text_encoder import tiny_clip_text_config, tiny_clip_tokenizer
 
 TINY_PROJECTION_DIM = 32  # == the tiny bridging preset's clip_dim (the IAA embedding)
@@ -116,40 +111,6 @@ def retrieval_top1(
     return image_to_text / len(captions), text_to_image / len(captions)
 
 
-FOUNDATION_FILE = "foundation.json"
-
-
-def git_commit() -> str:
-    """The commit the package's checkout is at (``+dirty`` with tracked changes); ``unknown`` outside git."""
-    where = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=where, text=True, stderr=subprocess.DEVNULL)
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.strip() + ("+dirty" if dirty.strip() else "")
-
-
 def write_clip_export(clip: TinyClip, directory: str | Path, metric: dict[str, float], steps: int) -> Path:
-    """Save the ``CLIPModel``, its tokenizer and ``foundation.json`` to ``directory``, replacing it whole; return it.
-
-    ``foundation.json``: ``{"kind": "clip", "metric": metric, "steps", "commit", "date"}``. The folder is
-    written beside ``directory`` and renamed into place, so a reader never sees half of it.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        clip.save_pretrained(staging)
-        record = {
-            "kind": "clip", "metric": metric, "steps": int(steps), "commit": git_commit(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        }  # fmt: skip
-        (staging / FOUNDATION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    """Save the ``CLIPModel``, its tokenizer and ``foundation.json`` (kind ``clip``) to ``directory``; return it."""
+    return write_foundation_export(directory, "clip", clip.save_pretrained, metric, steps)

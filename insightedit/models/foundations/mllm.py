@@ -14,14 +14,8 @@ reads it.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +28,9 @@ from transformers.utils import logging as hf_logging
 from insightedit.errors import UserError
 from insightedit.models.comprehension.presets import build_tiny_llava, tiny_llava_dir
 from insightedit.models.comprehension.prompts import IGNORE_INDEX, PromptEncoder
+from insightedit.models.foundations.export import write_foundation_export
 
 PHASES: tuple[str, ...] = ("align", "instruct")
-FOUNDATION_FILE = "foundation.json"
 BUILD_COMMAND = "insightedit foundations"
 CACHE_SIZE = 100_000  # tokenised texts kept by a ConversationEncoder
 # vision-config fields that must agree for a CLIP vision tower to be the LLaVA's
@@ -248,17 +242,6 @@ class AnswerTally:
         return {kind: self.right[kind] / count for kind, count in self.total.items()}
 
 
-def git_commit() -> str:
-    """The commit the package's checkout is at (``+dirty`` with tracked changes); ``unknown`` outside git."""
-    where = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=where, text=True, stderr=subprocess.DEVNULL)
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.strip() + ("+dirty" if dirty.strip() else "")
-
-
 def write_export(
     llava: LlavaForConditionalGeneration,
     tokenizer: PreTrainedTokenizerBase,
@@ -267,25 +250,10 @@ def write_export(
     steps: int,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Save the LLaVA, its tokenizer and ``foundation.json`` to ``directory``, replacing it whole; return it.
+    """Save the LLaVA, its tokenizer and ``foundation.json`` (kind ``mllm``, + ``extra``) to ``directory``."""
 
-    ``foundation.json``: ``{"kind": "mllm", "metric": metric, "steps", "commit", "date", **extra}``.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        llava.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        record = {
-            "kind": "mllm", "metric": metric, "steps": int(steps), "commit": git_commit(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"), **(extra or {}),
-        }  # fmt: skip
-        (staging / FOUNDATION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    def save(folder: Path) -> None:
+        llava.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    return write_foundation_export(directory, "mllm", save, metric, steps, extra)
