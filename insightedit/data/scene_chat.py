@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from insightedit.data.foundation_captions import HELD_OUT_STREAM, TRAIN_STREAM, normalize_image
 from insightedit.data.scene_questions import CAPTION_KIND, QUESTION_KINDS, ask
 from insightedit.data.scenes import random_scene
+from insightedit.errors import UserError
 
 MAX_DRAWS = 100  # scenes drawn for one sample before giving up on its kind (the rarest kind fits ~1 in 3)
 
@@ -47,7 +48,7 @@ def conversation(
         if asked is not None:
             break
     else:
-        raise ValueError(f"no scene of {size} px with up to {max_objects} objects answered a {kind!r} question")
+        raise UserError(f"data: no scene of {size} px with up to {max_objects} objects answered a {kind!r} question")
     caption = ask(scene, CAPTION_KIND, rng)
     assert caption is not None
     return {
@@ -121,7 +122,7 @@ class SceneQuestionDataModule(L.LightningDataModule):
         self.kinds = tuple(kinds or QUESTION_KINDS)
         unknown = [k for k in self.kinds if k not in QUESTION_KINDS]
         if unknown:
-            raise ValueError(f"unknown question kinds {unknown}; choose from {QUESTION_KINDS}")
+            raise UserError(f"data.kinds: unknown question kinds {unknown}; choose from {QUESTION_KINDS}")
         self.held_out: HeldOutConversations | None = None
 
     def setup(self, stage: str | None = None) -> None:
