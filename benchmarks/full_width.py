@@ -10,7 +10,10 @@ host memory in float32 on one device, which is what a CPU run holds; edits: plan
 float16, not comparable with CPU RSS). Results: ``benchmarks/results/full_width.{json,md}`` with the load
 average, since the CPU is shared.
 
-    python benchmarks/full_width.py [--runs checkpoints/full_width_cpu/bench] [--modes full low sequential 4bit]
+    python benchmarks/full_width.py [--runs checkpoints/full_width_cpu/bench] [--modes full low ... 8bit]
+        [--members instruct_pix2pix mgie smartedit ...] [--out benchmarks/results/full_width]
+
+``tests/test_full_width.py``'s slow test runs :func:`measure` and checks what it returns.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ OVERLAY = "lightning_configs/full_width_cpu.yaml"
 RESULTS = REPOSITORY / "benchmarks" / "results"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 WITHIN = 0.25
+MODES = ("full", "low", "sequential", "4bit", "8bit")
+OTHER_MEMBERS = ("instruct_pix2pix", "mgie", "smartedit", "insightedit_no_iaa", "insightedit_no_bim")
 LOCK = Path("/tmp/bigmem.lock")  # the machine's shared lock for jobs over 3 GiB
 
 
@@ -87,17 +92,52 @@ def plan(configs: list[str], edit: bool = False) -> Any:
     return json.loads(result.stdout)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the chain, measure, compare with plan, write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=DEFAULT_OUT / "bench", help="where the runs and logs go")
-    parser.add_argument("--modes", nargs="+", default=["full", "low", "sequential", "4bit"])
-    parser.add_argument("--edit-steps", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "full_width")
-    args = parser.parse_args(argv)
+def edit_flags(mode: str) -> list[str]:
+    """The ``insightedit edit`` flags of a memory mode (``4bit`` / ``8bit``: the quantized MLLM, low mode)."""
+    return [f"--{mode}"] if mode in ("4bit", "8bit") else ["--memory", mode]
+
+
+def fit_record(fit: dict[str, Any], configs: list[str]) -> dict[str, Any]:
+    """A fit's seconds per step, wall time, peak RSS beside plan's estimate, and its losses."""
+    estimate = plan(configs)["memory"]["gib_per_device"]["total"]
+    ratio = fit["peak_rss_gib"] / estimate
+    losses = re.findall(r"train/loss ([-+0-9.eE]+|nan|inf)", fit["out"])
+    return {"seconds_per_step": step_seconds(fit["out"]), "wall_s": fit["wall_s"], "peak_rss_gib": fit["peak_rss_gib"],
+            "plan_gib": estimate, "measured_over_plan": round(ratio, 2), "within_25_percent": abs(ratio - 1) <= WITHIN,
+            "losses": [float(v) for v in losses]}  # fmt: skip
+
+
+def edit_record(model: Path, photo: Path, mode: str, steps: int, log: Path, estimate: float | None) -> dict[str, Any]:
+    """One 512x512 ``insightedit edit`` of ``photo`` in ``mode``: seconds, peak RSS, the output's size."""
+    from PIL import Image
+
+    out = log.with_suffix(".png")
+    result = run(["edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
+                  f"--out={out}", f"--steps={steps}", *edit_flags(mode)], log)  # fmt: skip
+    timing = re.search(r"total ([0-9.]+) s", result["out"])
+    return {"mode": mode, "edit_s": float(timing.group(1)) if timing else None, "wall_s": result["wall_s"],
+            "peak_rss_gib": result["peak_rss_gib"], "plan_accelerator_gib": estimate,
+            "size": list(Image.open(out).size)}  # fmt: skip
+
+
+def edit_estimate(plans: list[dict[str, Any]], mode: str) -> float | None:
+    """plan's accelerator peak for ``mode`` (``4bit``/``8bit``: the quantized rows), when plan has one."""
+    for entry in plans:
+        quantized = entry.get("quantization") or ("4bit" if entry.get("four_bit_mllm") else None)
+        if mode in ("4bit", "8bit"):
+            if quantized == mode and entry.get("memory_mode") in ("full", "low"):
+                return entry.get("peak_gib")
+        elif not quantized and entry.get("memory_mode") == mode:
+            return entry.get("peak_gib")
+    return None
+
+
+def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 2) -> dict[str, Any]:
+    """Run the chain and the members under ``runs``; everything measured, as a report (no file written)."""
+    from PIL import Image
+
     load_before = os.getloadavg()
     write_full_width_folders(REPOSITORY / DEFAULT_OUT)
-    runs = (REPOSITORY / args.runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     stages: list[dict[str, Any]] = []
     for stage in (1, 2, 3):
@@ -105,44 +145,62 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"--model.init_args.init_from={runs}/stage{stage - 1}/last.ckpt"] if stage > 1 else []
         root = f"--trainer.default_root_dir={runs}/stage{stage}"
         fit = run(["fit", *config_args(configs), root, "--overwrite", *extra], runs / f"fit{stage}.log")
-        estimate = plan(configs)["memory"]["gib_per_device"]["total"]
-        losses = re.findall(r"train/loss ([-+0-9.eE]+|nan|inf)", fit["out"])
-        ratio = fit["peak_rss_gib"] / estimate
-        stages.append({"stage": stage, "seconds_per_step": step_seconds(fit["out"]), "wall_s": fit["wall_s"],
-                       "peak_rss_gib": fit["peak_rss_gib"], "plan_gib": estimate,
-                       "measured_over_plan": round(ratio, 2), "within_25_percent": abs(ratio - 1) <= WITHIN,
-                       "losses": [float(v) for v in losses]})  # fmt: skip
+        loaded = stage == 1 or ("init_from: loaded" in fit["out"] and f"stage{stage - 1}/last.ckpt" in fit["out"])
+        stages.append({"stage": stage, **fit_record(fit, configs), "init_from_loaded": loaded,
+                       "checkpoint": (runs / f"stage{stage}" / "last.ckpt").is_file()})  # fmt: skip
         print(stages[-1], flush=True)
     configs = ["lightning_configs/stage3.yaml", OVERLAY]
     test = run(["test", *config_args(configs), f"--trainer.default_root_dir={runs}/stage3",
                 f"--ckpt_path={runs}/stage3/last.ckpt"], runs / "test.log")  # fmt: skip
+    report_file = runs / "stage3" / "test_report.json"
+    test_report = json.loads(report_file.read_text()) if report_file.is_file() else None
     model = runs / "model"
     export = run(
         ["export", f"--ckpt_path={runs}/stage3/last.ckpt", f"--out={model}", "--overwrite"], runs / "export.log"
     )
-    from PIL import Image
-
     photo = runs / "photo.png"
     image = Image.new("RGB", (512, 512), (120, 160, 200))
     image.paste((220, 40, 40), (150, 150, 350, 350))
     image.save(photo)
-    edit_plans = {(p["memory_mode"], p["four_bit_mllm"]): p for p in plan(configs, edit=True)}
-    edits: list[dict[str, Any]] = []
-    for mode in args.modes:
-        flags = ["--4bit"] if mode == "4bit" else ["--memory", mode]
-        out = runs / f"edit-{mode}.png"
-        result = run(["edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
-                      f"--out={out}", f"--steps={args.edit_steps}", *flags], runs / f"edit-{mode}.log")  # fmt: skip
-        timing = re.search(r"total ([0-9.]+) s", result["out"])
-        estimate = edit_plans.get(("full", True) if mode == "4bit" else (mode, False), {}).get("peak_gib")
-        edits.append({"mode": mode, "edit_s": float(timing.group(1)) if timing else None, "wall_s": result["wall_s"],
-                      "peak_rss_gib": result["peak_rss_gib"], "plan_accelerator_gib": estimate,
-                      "size": list(Image.open(out).size)})  # fmt: skip
+    edit_plans = plan(configs, edit=True)
+    edits = []
+    for mode in modes:
+        estimate = edit_estimate(edit_plans, mode)
+        edits.append(edit_record(model, photo, mode, edit_steps, runs / f"edit-{mode}.log", estimate))
         print(edits[-1], flush=True)
-    report = {**provenance(), "load_average_before": [round(v, 2) for v in load_before],
-              "load_average_after": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
-              "stages": stages, "test_wall_s": test["wall_s"], "test_peak_rss_gib": test["peak_rss_gib"],
-              "export_wall_s": export["wall_s"], "edit_steps": args.edit_steps, "edits": edits}  # fmt: skip
+    others: list[dict[str, Any]] = []
+    for member in members:
+        member_configs = [f"lightning_configs/{member}.yaml", OVERLAY]
+        folder = runs / "members" / member
+        fit = run(["fit", *config_args(member_configs), f"--trainer.default_root_dir={folder}", "--overwrite"],
+                  folder.with_suffix(".fit.log"))  # fmt: skip
+        record = {"member": member, **fit_record(fit, member_configs)}
+        exported = run(["export", f"--ckpt_path={folder}/last.ckpt", f"--out={folder}-model", "--overwrite"],
+                       folder.with_suffix(".export.log"))  # fmt: skip
+        record["export_wall_s"] = exported["wall_s"]
+        record["edit"] = edit_record(Path(f"{folder}-model"), photo, "full", edit_steps,
+                                     folder.with_suffix(".edit-full.log"), None)  # fmt: skip
+        others.append(record)
+        print(others[-1], flush=True)
+    return {**provenance(), "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
+            "stages": stages, "test_wall_s": test["wall_s"], "test_peak_rss_gib": test["peak_rss_gib"],
+            "test_out_tail": test["out"][-600:], "test_report": test_report, "export_wall_s": export["wall_s"],
+            "export_peak_rss_gib": export["peak_rss_gib"], "model": str(model), "photo": str(photo),
+            "edit_steps": edit_steps, "edits": edits, "members": others}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chain and the members, measure, compare with plan, write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=DEFAULT_OUT / "bench", help="where the runs and logs go")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--members", nargs="*", default=list(OTHER_MEMBERS), choices=OTHER_MEMBERS,
+                        help="the other members' full yamls to fit, export and edit (none: --members)")  # fmt: skip
+    parser.add_argument("--edit-steps", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "full_width")
+    args = parser.parse_args(argv)
+    report = measure((REPOSITORY / args.runs).resolve(), args.modes, args.members, args.edit_steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
@@ -173,6 +231,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {e['mode']} | {e['edit_s']} | {e['wall_s']} | {e['peak_rss_gib']} | {e['plan_accelerator_gib']} |"
         )
+    if report.get("members"):
+        lines += ["", "Every other member's full yaml with the same overlay (its stage as written, 2 steps, from the "
+                  "folders; export; one 512x512 `--memory full` edit):", "",
+                  "| member | s/step | fit wall s | peak RSS GiB | plan GiB | measured/plan | export s | edit s "
+                  "| edit peak GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for m in report["members"]:
+            lines.append(f"| {m['member']} | {m['seconds_per_step']} | {m['wall_s']} | {m['peak_rss_gib']} | "
+                         f"{m['plan_gib']} | {m['measured_over_plan']} | {m['export_wall_s']} | "
+                         f"{m['edit']['edit_s']} | {m['edit']['peak_rss_gib']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
