@@ -98,6 +98,7 @@ def configured_model(argv: list[str]) -> dict[str, Any] | None:
         parts = option[2:].split(".")[1:]
         parts = parts[1:] if parts[:1] == ["init_args"] else parts
         whole = len(parts) == 1 and parts[0] in ("class_path", "init_args", "member", *SECTIONS)
+        whole = whole or parts[:1] == ["section_overrides"]  # what wins over the sections: left to the parser
         if not parts or whole:
             return None  # the model, its member or a whole section replaced: leave it to the parser
         if tuple(parts) in WEIGHT_OPTIONS:

@@ -88,6 +88,9 @@ def configured_hub_weights(init_args: Mapping[str, Any], known_only: bool = Fals
 
     ``known_only``: see :func:`clip_hub_weights`.
     """
+    from insightedit.models.zoo import resolve_section_overrides
+
+    init_args = resolve_section_overrides(init_args)  # an overlay's local folders replace the member's hub ids
     found: list[HubWeights] = []
     sections = {name: init_args.get(name) for name in ("comprehension", "generation", "bridging")}
     for name, filename in (("comprehension", LLAVA_FILE), ("generation", DIFFUSERS_FILE)):
@@ -171,5 +174,7 @@ def check_model_config(model: Any) -> None:
     as_dict = model.as_dict() if hasattr(model, "as_dict") else model
     init_args = as_dict.get("init_args") if isinstance(as_dict, Mapping) else None
     if isinstance(init_args, Mapping):
-        check_foundation_paths(init_args)  # a tiny foundation not built yet: how to build it
+        from insightedit.models.zoo import resolve_section_overrides
+
+        check_foundation_paths(resolve_section_overrides(init_args))  # a tiny foundation not built yet: how to build it
         check_hub_weights(configured_hub_weights(init_args))

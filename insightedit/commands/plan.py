@@ -118,6 +118,10 @@ def build_on_meta(model_section: dict[str, Any]) -> tuple[Any, dict[str, str], s
     if "class_path" not in model_section:
         raise UserError("the config has no model.class_path")
     init_args = json.loads(json.dumps(model_section.get("init_args") or {}))
+    if model_section["class_path"] == SYSTEM:
+        from insightedit.models.zoo import resolve_section_overrides
+
+        init_args = resolve_section_overrides(init_args)  # the sections the system builds from
     named: dict[str, str] = {}
     for section, keys in WEIGHT_KEYS.items():
         for key in keys:
@@ -214,10 +218,18 @@ def member_config(member: str) -> dict[str, Any]:
 
 
 def planned_config(config_paths: list[str], member: str | None = None) -> dict[str, Any]:
-    """The merged config to plan: ``--member``'s (if given) with the ``--config`` files over it."""
+    """The merged config to plan: ``--member``'s (if given) with the ``--config`` files over it.
+
+    An ``EditorSystem``'s ``section_overrides`` are applied to the member's sections here, as the system does.
+    """
     config = _merge(member_config(member), load_config(config_paths)) if member else load_config(config_paths)
-    if not ((config.get("model") or {}).get("class_path")):
+    model = config.get("model") or {}
+    if not model.get("class_path"):
         raise overlay_error(config_paths)
+    if model["class_path"] == SYSTEM and (model.get("init_args") or {}).get("section_overrides"):
+        from insightedit.models.zoo import resolve_section_overrides
+
+        model["init_args"] = resolve_section_overrides(model["init_args"])
     return config
 
 

@@ -8,12 +8,14 @@ Builders are named as ``module:function`` and imported only when that member is 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from insightedit.errors import UserError
-from insightedit.models.editor import Editor
+
+if TYPE_CHECKING:  # the registry imports no torch: the CLI's light checks read it
+    from insightedit.models.editor import Editor
 
 SECTIONS = ("comprehension", "bridging", "generation", "head")
 
@@ -134,4 +136,65 @@ def build_editor(
     return entry.build_function()(preset=preset, **arguments)
 
 
-__all__ = ["MEMBERS", "SECTIONS", "Member", "build_editor", "get_member"]
+def _deep_merge(base: Any, override: Any) -> Any:
+    """``override`` over ``base``: mappings merge key by key, anything else is replaced (as configs compose)."""
+    if isinstance(base, Mapping) and isinstance(override, Mapping):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _deep_merge(base[key], value) if key in base else value
+        return merged
+    return override
+
+
+def apply_section_overrides(
+    member: str, sections: Mapping[str, Any], overrides: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """``sections`` with ``overrides`` (``{section: {key: value}}``) merged over those ``member`` reads.
+
+    An overlay meant for every member (``lightning_configs/full_width_cpu.yaml``) names settings of parts
+    some members lack (InstructPix2Pix has no ``comprehension``); given as a section, :func:`build_editor`
+    refuses them. Given in ``section_overrides`` they apply to the sections the member reads, deep-merged
+    over what the config gives (later wins), and are skipped for the others. Section names other than
+    :data:`SECTIONS`, or values that are not mappings, are a :class:`UserError`.
+    """
+    resolved = dict(sections)
+    if not overrides:
+        return resolved
+    if not isinstance(overrides, Mapping):
+        raise UserError(f"section_overrides must map section names to settings, got {type(overrides).__name__}")
+    unknown = sorted(set(overrides) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"section_overrides has no section {', '.join(unknown)} (sections: {', '.join(SECTIONS)})")
+    reads = get_member(member).sections
+    for name, settings in overrides.items():
+        if settings is not None and not isinstance(settings, Mapping):
+            raise UserError(f"section_overrides.{name} must be a mapping of settings, got {settings!r}")
+        if settings and name in reads:
+            resolved[name] = _deep_merge(dict(resolved.get(name) or {}), settings)
+    return resolved
+
+
+def resolve_section_overrides(init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.init_args`` of an ``EditorSystem`` with its ``section_overrides`` applied and removed.
+
+    What reads sections from a config without building the system (``insightedit plan``, the weight
+    checks before ``fit``) calls this, so it sees the sections the system builds from.
+    """
+    resolved = dict(init_args)
+    overrides = resolved.pop("section_overrides", None)
+    if not overrides:
+        return resolved
+    member = str(resolved.get("member") or "insightedit")
+    applied = apply_section_overrides(member, {name: resolved.get(name) for name in SECTIONS}, overrides)
+    return resolved | {name: value for name, value in applied.items() if name in resolved or value is not None}
+
+
+__all__ = [
+    "MEMBERS",
+    "SECTIONS",
+    "Member",
+    "apply_section_overrides",
+    "build_editor",
+    "get_member",
+    "resolve_section_overrides",
+]

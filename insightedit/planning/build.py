@@ -19,7 +19,8 @@ from insightedit.errors import UserError
 # EditorSystem.__init__'s arguments (a test compares them with the signature)
 SYSTEM_ARGUMENTS = (
     "member", "preset", "stage", "stage_settings", "comprehension", "bridging", "generation", "head",
-    "align_target", "init_from", "weight_decay", "warmup_steps", "evaluation", "sharding", "prediction",
+    "section_overrides", "align_target", "init_from", "weight_decay", "warmup_steps", "evaluation", "sharding",
+    "prediction",
 )  # fmt: skip
 SECTIONS = ("comprehension", "bridging", "generation", "head")
 

@@ -52,7 +52,9 @@ def code_fingerprint() -> str:
 def weight_paths(config: dict[str, Any]) -> list[str]:
     """The weight sources a config names (``model.init_args.<section>.<key>``, e.g. a local LLaVA folder)."""
     init_args = ((config.get("model") or {}).get("init_args")) or {}
-    values = [(init_args.get(section) or {}).get(key) for section, key in WEIGHT_KEYS]
+    overrides = init_args.get("section_overrides")  # an overlay's folders, whichever member reads them
+    sources = [init_args, overrides if isinstance(overrides, dict) else {}]
+    values = [(source.get(section) or {}).get(key) for source in sources for section, key in WEIGHT_KEYS]
     return sorted({value for value in values if isinstance(value, str) and value})
 
 

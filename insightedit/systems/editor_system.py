@@ -21,7 +21,7 @@ from torch import nn
 from insightedit.errors import UserError
 from insightedit.models.editor import Editor
 from insightedit.models.stages import StageSettings, resolve_stage
-from insightedit.models.zoo import build_editor, get_member
+from insightedit.models.zoo import apply_section_overrides, build_editor, get_member
 from insightedit.systems.generation import log_skipped_samples
 from insightedit.systems.load_reports import loads_on_console
 from insightedit.systems.prediction import PredictionRun, PredictSettings, done_ids, merge_journals, summary_line
@@ -44,6 +44,12 @@ class EditorSystem(L.LightningModule):
             ``use_bim``, ``learning_rates``).
         comprehension, bridging, generation, head: the keyword arguments of each part the member has
             (weights, sizes, LoRA, quantization...); the widths that connect them are filled in.
+        section_overrides: settings for whichever of the parts above the member has, e.g.
+            ``{"comprehension": {"pretrained": DIR}, "bridging": {...}}``: deep-merged over the member's own
+            sections (they win over the sections, command line included), skipped for parts it lacks
+            (:func:`~insightedit.models.zoo.apply_section_overrides`). For overlays that serve every member
+            (``lightning_configs/full_width_cpu.yaml``); a section a member lacks, given directly, is an error.
+            The hyperparameters keep the merged sections (what was built) and no ``section_overrides``.
         align_target: for members with ``L_align``: the text whose frozen text-encoder encoding ``q``
             is aligned to (``plain_instruction``, ``instruction`` or ``target_caption``; ``None``: the
             member's default).
@@ -70,6 +76,7 @@ class EditorSystem(L.LightningModule):
         bridging: dict[str, Any] | None = None,
         generation: dict[str, Any] | None = None,
         head: dict[str, Any] | None = None,
+        section_overrides: dict[str, Any] | None = None,
         align_target: str | None = None,
         init_from: str | None = None,
         weight_decay: float = 0.0,
@@ -79,6 +86,12 @@ class EditorSystem(L.LightningModule):
         prediction: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if section_overrides:  # merged before save_hyperparameters, which reads these locals: what is saved is built
+            given = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
+            merged = apply_section_overrides(member, given, section_overrides)
+            comprehension, bridging = merged["comprehension"], merged["bridging"]
+            generation, head = merged["generation"], merged["head"]
+            section_overrides = None
         # test and predict settings stay out of checkpoints: Lightning's CLI lets a --ckpt_path's hyperparameters
         # override the command line, so a stored section would hide --model.init_args.evaluation / .prediction
         # (checkpoints written before evaluation was left out still hold it: InsightEditCLI keeps the command line's)
