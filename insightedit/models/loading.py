@@ -59,14 +59,23 @@ def load_pretrained(module: nn.Module) -> list[str]:
 
 
 def assign_or_copy(
-    module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+    module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True, take: bool = False
 ) -> tuple[list[str], list[str]]:
     """Load ``state`` into ``module``: copied into real tensors, or taken as they are where the module is on ``meta``.
 
+    ``take=True`` (for a ``state`` nothing else keeps, e.g. a just-loaded ``from_pretrained`` model's) also
+    takes the tensors into a real module when each matches its tensor's dtype and device: the module's
+    built tensors are freed instead of overwritten, so the loaded model and the built one are never both
+    in memory (a memory-mapped file's tensors are read as they are used; the values are the same).
     Returns ``load_state_dict``'s missing and unexpected keys (with ``strict=False``).
     """
     on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-    result = module.load_state_dict(state, strict=strict, assign=on_meta)
+    own = module.state_dict(keep_vars=True) if take and not on_meta else {}
+    same = bool(own) and all(
+        name in own and own[name].dtype == tensor.dtype and own[name].device == tensor.device
+        for name, tensor in state.items()
+    )
+    result = module.load_state_dict(state, strict=strict, assign=on_meta or same)
     return list(result.missing_keys), list(result.unexpected_keys)
 
 

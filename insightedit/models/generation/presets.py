@@ -279,7 +279,7 @@ def load_generation_weights(
         if plain.config.in_channels == plain.config.out_channels:  # widened as the constructor widened it
             widen_conv_in(plain, 2 * plain.config.in_channels)
         state = plain.state_dict()
-        missing, unexpected = assign_or_copy(edit_unet.unet, state, strict=False)
+        missing, unexpected = assign_or_copy(edit_unet.unet, state, strict=False, take=True)
         missing = [k for k in missing if ".processor." not in k]  # the image branch: initialised below
         if missing or unexpected:
             raise ValueError(
@@ -291,11 +291,11 @@ def load_generation_weights(
         scheduler = DDPMScheduler.from_pretrained(**_subfolder(pretrained, "scheduler"))
     if isinstance(components.latent_space, VaeLatentSpace):
         vae = AutoencoderKL.from_pretrained(**_subfolder(pretrained, "vae"))
-        assign_or_copy(components.latent_space.vae, vae.state_dict())
+        assign_or_copy(components.latent_space.vae, vae.state_dict(), take=True)
     text_encoder = components.text_encoder
     if text_encoder is not None and with_text_encoder:
         model = CLIPTextModel.from_pretrained(**_subfolder(pretrained, "text_encoder"))
-        assign_or_copy(text_encoder.model, model.state_dict())
+        assign_or_copy(text_encoder.model, model.state_dict(), take=True)
         text_encoder.tokenizer = CLIPTokenizer.from_pretrained(**_subfolder(pretrained, "tokenizer"))
     return GenerationComponents(edit_unet, components.latent_space, scheduler, text_encoder)
 
