@@ -1,33 +1,44 @@
-"""The zoo compared on equal terms: every member trained the same way on the synthetic twin, scored alike.
+"""The zoo compared on equal terms, on the tiny foundations, over two data seeds; one command.
 
-Each member of :data:`insightedit.models.zoo.MEMBERS` is trained by the same
-:class:`~insightedit.systems.editor_system.EditorSystem` in one process, from the same starting point:
+Every member of :data:`insightedit.models.zoo.MEMBERS` starts where its tiny yaml
+(``lightning_configs/tiny/<member>.yaml``, InsightEdit's is ``tiny/stage3.yaml``) starts: from the tiny
+foundations ``insightedit foundations`` builds (CLIP: text encoder, IAA target, MLLM vision tower; the
+tiny LLaVA; the InstructPix2Pix UNet), as the full members start from CLIP, LLaVA-1.5 and
+``timbrooks/instruct-pix2pix``. The run:
 
-1. the tiny InstructPix2Pix stand-in (``lightning_configs/tiny/instruct_pix2pix.yaml``: instruction →
-   frozen text encoder → UNet, templated instructions only) trains ``--pretrain-steps`` steps, as the full
-   members start from ``timbrooks/instruct-pix2pix``;
-2. every member then trains ``--steps`` steps of its stage 3 with its tiny yaml's model settings
-   (``lightning_configs/tiny/<member>.yaml``, InsightEdit's is ``tiny/stage3.yaml``), its UNet loaded
-   from the stand-in's checkpoint (``generation.pretrained``; the InstructPix2Pix row continues the
-   stand-in itself), on the same data (``tiny/stage3.yaml``'s: templated and reasoning phrasings), the
-   same seed (same batches, noise and dropout draws) and the same batch size.
+1. **foundations**: ensures them under ``--foundations`` (default ``$INSIGHTEDIT_FOUNDATIONS``, else
+   ``checkpoints/tiny/foundations``; the tiny yamls read the same root) with ``insightedit foundations``,
+   which returns at once when they are built and current, and records each one's stamp (what it was
+   built from, its held-out metric, its build minutes). ``--no-build`` uses them as they are;
+2. for each **data seed** (``--seeds``, default 0 and 1; the synthetic world's seed, the split's seed
+   and the training seed: other images, other held-out pairs, other batches and noise), every member
+   trains its stage 3 with its yaml's model settings (the InstructPix2Pix row continues the foundation
+   UNet, which its yaml builds), on the same data (``tiny/stage3.yaml``'s: templated and reasoning
+   phrasings), the same steps, batch, seed and draws; then every member, and the identity edit
+   (output = source), edits the same held-out pairs (sources never seen in training) with the templated
+   phrasing and with the reasoning one, scored by the ``advancededit`` protocol of
+   :mod:`insightedit.evaluation` (the yaml's ``evaluation:``: PSNR / SSIM / LPIPS outside the edit mask,
+   source vs edit; PSNR to the target) plus the PSNR to the target *inside* the mask (did the edit
+   happen; at the data's 32 px, per image, then averaged), per task type;
+3. the per-seed scores become per-row means and seed-to-seed spreads, read against the issue's
+   orderings (with IAA > without; reasoning: InsightEdit > SmartEdit > InstructPix2Pix) and its target
+   (≥ 3 dB over the identity edit in the mask on each task, background ≥ 30 dB): :mod:`zoo_stats`.
 
-Then every member edits the same held-out pairs (source images never seen in training) twice, with
-the templated phrasing (``remove the red circle``) and with the reasoning one, and is scored by the
-``advancededit`` protocol of :mod:`insightedit.evaluation` as ``insightedit test`` scores (the yaml's
-``evaluation:`` settings): PSNR, SSIM and LPIPS between source and edit *outside* the edit mask, and
-PSNR / SSIM to the target over the whole image; plus the PSNR to the target *inside* the mask (did the
-edit happen; computed here at the data's 32 px, data range 1, per image then averaged), per task type.
-The identity edit (output = source) is the floor row.
+Writes under ``--out``: ``zoo_results.json`` (command, commit, date, machine, the foundations' stamps,
+per-phase and total wall time, every run's steps, seconds and loss curve, every score per seed, the
+summary, the orderings, the target), ``zoo_results.md`` (the tables) and ``zoo_edits.png`` (seed
+``--seeds[0]``: a row per held-out example, source | each member's edit | target). Every training run
+and a comparison run go to one offline W&B project under a shared group (``--wandb-dir``).
 
-Writes under ``--out``: ``zoo_results.json`` (command, commit, date, machine, wall time and steps per
-member, every score), ``zoo_results.md`` (the tables) and ``zoo_edits.png`` (a row per held-out
-example: source | each member's edit | target). Every training run and a comparison run are logged to
-one offline W&B project under a shared group (``--wandb-dir``), with the test metrics as a
-``wandb.Table``, so a dashboard compares them.
+Time budget (the whole comparison ≤ 90 min on 2 cores, foundations included when not yet built):
 
-    python benchmarks/zoo.py --steps 2 --pretrain-steps 2 --eval-pairs 8      # smoke run
-    python benchmarks/zoo.py --steps 60 --pretrain-steps 60 --out benchmarks/results
+* foundations: 35.8 min as built on the shared 2-core machine (their stamps: clip 10.4, mllm 7.8,
+  instruct_pix2pix 17.7 min); 0 when cached;
+* members: STEP_RATE_PLACEHOLDER
+* the two data sets: ~DATA_PLACEHOLDER s each on first use (cached under ``data/``).
+
+    python benchmarks/zoo.py --steps 2 --eval-pairs 8 --no-wandb --out /tmp/zoo-smoke   # a smoke run
+    python benchmarks/zoo.py --out benchmarks/results                                   # the comparison
 """
 
 from __future__ import annotations
@@ -42,7 +53,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -51,11 +61,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
+from insightedit.commands.foundations import FOUNDATIONS, FOUNDATIONS_ENV, STAMP, FoundationBuilder, default_root
 from insightedit.data import AdvancedEditDataModule
+from insightedit.errors import UserError
 from insightedit.evaluation.metrics import PSNR_CAP_DB
 from insightedit.evaluation.model_test import EditTestRun, TestSettings
 from insightedit.evaluation.report import aggregate_groups
@@ -63,9 +74,10 @@ from insightedit.models.zoo import MEMBERS, get_member
 from insightedit.systems.editor_system import EditorSystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo_stats  # noqa: E402
 from provenance import provenance  # noqa: E402
+from zoo_stats import IDENTITY, TASKS, cell  # noqa: E402
 
-TASKS = ("remove", "add", "replace")
 PHRASINGS = {"templated": 0.0, "reasoning": 1.0}  # held-out phrasing -> reasoning probability
 ROWS = {  # the paper's row names, in the paper's order
     "instruct_pix2pix": "InstructPix2Pix",
@@ -75,10 +87,12 @@ ROWS = {  # the paper's row names, in the paper's order
     "insightedit_no_bim": "InsightEdit w/o BIM",
     "insightedit": "InsightEdit",
 }
-IDENTITY = "identity (output = source)"
 CONFIGS = Path("lightning_configs/tiny")
-SHARED = CONFIGS / "stage3.yaml"  # data and evaluation settings every member shares
-STAND_IN = CONFIGS / "instruct_pix2pix.yaml"
+SHARED = CONFIGS / "stage3.yaml"  # data, steps and evaluation settings every member shares
+UNET_FOUNDATION = "instruct_pix2pix/last.ckpt"  # under the foundations root
+DEFAULT_SEEDS = (0, 1)
+DEFAULT_STEPS = 300  # tiny/stage3.yaml's max_steps (see the time budget in the docstring)
+DEFAULT_EVAL_PAIRS = 48
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -87,10 +101,14 @@ def member_config(member: str) -> Path:
     return SHARED if member == "insightedit" else CONFIGS / f"{member}.yaml"
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A LightningCLI yaml, interpolations resolved (the foundations root: ``$INSIGHTEDIT_FOUNDATIONS``)."""
+    return OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=True)  # type: ignore[return-value]
+
+
 def model_settings(path: Path) -> dict[str, Any]:
-    """The ``model.init_args`` of a LightningCLI yaml, interpolations resolved (the foundations root)."""
-    config = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=True)
-    return dict(config["model"]["init_args"])  # type: ignore[index]
+    """The ``model.init_args`` of a LightningCLI yaml, interpolations resolved."""
+    return dict(read_config(path)["model"]["init_args"])
 
 
 def available_members(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -106,6 +124,66 @@ def available_members(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
         else:
             chosen.append(member)
     return chosen, notes
+
+
+def member_settings(member: str, root: Path, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """``member``'s tiny model settings at stage 3, the shared evaluation; its UNet from the foundation.
+
+    The members' yamls name the foundation UNet (``generation.pretrained``) themselves; InstructPix2Pix's
+    yaml is the recipe that builds it, so its row continues it.
+    """
+    settings = model_settings(member_config(member))
+    settings.update(member=member, stage=3, init_from=None, evaluation=evaluation)
+    generation = dict(settings.get("generation") or {})
+    generation.setdefault("pretrained", str(root / UNET_FOUNDATION))
+    settings["generation"] = generation
+    return settings
+
+
+def starting_points(settings: dict[str, Any]) -> dict[str, str]:
+    """The pretrained weights ``settings`` name (``section.key``: path), for the results."""
+    found = {}
+    for section, key in (("comprehension", "pretrained"), ("bridging", "clip_pretrained"),
+                         ("generation", "pretrained"), ("generation", "text_encoder")):  # fmt: skip
+        value = (settings.get(section) or {}).get(key)
+        if value:
+            found[f"{section}.{key}"] = str(value)
+    return found
+
+
+# -------------------------------------------------------------------------------------- foundations
+def ensure_foundations(root: Path, build: bool) -> dict[str, Any]:
+    """Build (or find current) the foundations in ``root``; each one's stamp, and whether this run built it.
+
+    With ``build`` it runs ``insightedit foundations``' builder (a current foundation is skipped at once);
+    without, it only checks each foundation's output is there (a missing one: a :class:`UserError`).
+    """
+    built: dict[str, bool] = {}
+    if build:
+        for outcome in FoundationBuilder(root).build():
+            built[outcome.name] = outcome.built
+    records = {}
+    for foundation in FOUNDATIONS:
+        folder = root / foundation.name
+        if not (folder / foundation.done).is_file():
+            raise UserError(
+                f"foundation {foundation.name}: {folder / foundation.done} not found; build the foundations with "
+                f"`insightedit foundations --out {root}` (or drop --no-build)"
+            )
+        try:
+            stamp = json.loads((folder / STAMP).read_text())
+        except (OSError, ValueError):
+            stamp = {}
+        records[foundation.name] = {
+            "folder": str(folder),
+            "built_by_this_run": built.get(foundation.name, False),
+            "checked_current": build,
+            "inputs": stamp.get("inputs"),
+            "metric": stamp.get("metric"),
+            "build_minutes": stamp.get("minutes"),
+            "date": stamp.get("date"),
+        }
+    return records
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -184,14 +262,6 @@ def fit(
     trainer.fit(system, datamodule=data)
     seconds = time.perf_counter() - started
     return {"steps": trainer.global_step, "seconds": round(seconds, 1), "loss_curve": log.curve}, trainer
-
-
-def member_settings(member: str, stand_in: Path, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """``member``'s tiny model settings at stage 3, its UNet from the stand-in, the shared evaluation."""
-    settings = model_settings(member_config(member))
-    settings.update(member=member, stage=3, init_from=None, evaluation=evaluation)
-    settings["generation"] = {**(settings.get("generation") or {}), "pretrained": str(stand_in)}
-    return settings
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -278,47 +348,6 @@ def score(
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def cell(value: float | None, digits: int = 2) -> str:
-    """A table cell: ∞ at the PSNR cap, n/a when not computed."""
-    if value is None:
-        return "n/a"
-    return "∞" if value >= PSNR_CAP_DB else f"{value:.{digits}f}"
-
-
-def markdown(scores: dict[str, dict[str, Any]], lpips_label: str) -> str:
-    """The paper-shaped table (rows: members) per phrasing, then in-mask / outside PSNR per task type."""
-    lines = [
-        f"Outside the mask, source vs edit (preservation; LPIPS = {lpips_label}); PSNR-tgt: edit vs target, "
-        "whole image; in-mask: edit vs target inside the mask (did the edit happen).",
-        "",
-    ]
-    head = "| row |" + "".join(f" {p} PSNR ↑ | SSIM ↑ | LPIPS ↓ | PSNR-tgt ↑ | in-mask ↑ |" for p in PHRASINGS)
-    lines += [head, "|---|" + "---|" * 5 * len(PHRASINGS)]
-    for row, table in scores.items():
-        cells = []
-        for phrasing in PHRASINGS:
-            s = table[phrasing]["all"]
-            cells += [
-                cell(s["psnr"]),
-                cell(s["ssim"], 3),
-                cell(s["lpips"], 3),
-                cell(s["psnr_target"]),
-                cell(s["psnr_in_mask"]),
-            ]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "In-mask PSNR to the target / PSNR outside the mask (source vs edit), per task type:", ""]
-    head = "| row |" + "".join(f" {t} ({p[:5]}.) |" for p in PHRASINGS for t in TASKS)
-    lines += [head, "|---|" + "---|" * len(TASKS) * len(PHRASINGS)]
-    for row, table in scores.items():
-        cells = []
-        for phrasing in PHRASINGS:
-            for task in TASKS:
-                s = table[phrasing].get(task)
-                cells.append(f"{cell(s['psnr_in_mask'], 1)} / {cell(s['psnr'], 1)}" if s else "–")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def tile(image: torch.Tensor, side: int) -> Image.Image:
     """(3, H, W) in [-1, 1] → a ``side``-pixel square (nearest, so pixels stay visible)."""
     pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -400,11 +429,11 @@ def wandb_logger(args: argparse.Namespace, group: str, name: str, config: dict[s
 METRIC_COLUMNS = ("n", "psnr", "ssim", "lpips", "psnr_target", "ssim_target", "psnr_in_mask")
 
 
-def metrics_table(scores: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Rows of (row, phrasing, group, metrics...) for a ``wandb.Table``."""
-    columns = ["row", "phrasing", "group", *METRIC_COLUMNS]
+def metrics_table(scores: dict[str, dict[str, Any]], seed: int) -> tuple[list[str], list[list[Any]]]:
+    """Rows of (seed, row, phrasing, group, metrics...) for a ``wandb.Table``."""
+    columns = ["seed", "row", "phrasing", "group", *METRIC_COLUMNS]
     data = [
-        [row, phrasing, group, *(summary.get(key) for key in METRIC_COLUMNS)]
+        [seed, row, phrasing, group, *(summary.get(key) for key in METRIC_COLUMNS)]
         for row, table in scores.items()
         for phrasing, groups in table.items()
         for group, summary in groups.items()
@@ -412,7 +441,7 @@ def metrics_table(scores: dict[str, dict[str, Any]]) -> tuple[list[str], list[li
     return columns, data
 
 
-def log_test(logger: Any, row: str, table: dict[str, Any]) -> None:
+def log_test(logger: Any, row: str, seed: int, table: dict[str, Any]) -> None:
     """Log a member's test metrics to its run (scalars and a table), then close the run."""
     if logger is None:
         return
@@ -425,14 +454,14 @@ def log_test(logger: Any, row: str, table: dict[str, Any]) -> None:
         for key, value in summary.items()
         if value is not None
     }
-    columns, data = metrics_table({row: table})
+    columns, data = metrics_table({row: table}, seed)
     logger.experiment.log({**scalars, "test/metrics": wandb.Table(columns=columns, data=data)})
     logger.experiment.summary.update(scalars)
     logger.experiment.finish()
 
 
 def log_comparison(args: argparse.Namespace, group: str, results: dict[str, Any], grid: Path) -> str | None:
-    """One more run in the group holding every row's metrics and the picture grid; its folder."""
+    """One more run in the group: every seed's metrics, the orderings, the target and the picture; its folder."""
     if args.no_wandb:
         return None
     import wandb
@@ -444,10 +473,22 @@ def log_comparison(args: argparse.Namespace, group: str, results: dict[str, Any]
         job_type="compare",
         dir=str(args.wandb_dir),
         mode="offline",
-        config={k: v for k, v in results.items() if k not in ("scores", "runs")},
+        config={k: v for k, v in results.items() if k not in ("per_seed", "summary", "orderings")},
     )
-    columns, data = metrics_table(results["scores"])
-    run.log({"test/metrics": wandb.Table(columns=columns, data=data), "test/edits": wandb.Image(str(grid))})
+    columns, data = ["seed", "row", "phrasing", "group", *METRIC_COLUMNS], []
+    for seed, per_seed in results["per_seed"].items():
+        data += metrics_table(per_seed["scores"], int(seed))[1]
+    orderings = [[o["claim"], o["ordering"], o["holds_beyond_spread"], o["text"]] for o in results["orderings"]]
+    run.log(
+        {
+            "test/metrics": wandb.Table(columns=columns, data=data),
+            "test/orderings": wandb.Table(
+                columns=["claim", "ordering", "holds_beyond_spread", "pairs"], data=orderings
+            ),
+            "test/edits": wandb.Image(str(grid)),
+        }
+    )
+    run.summary.update({"target_met": results["target"]["met"], "wall_minutes": results["wall_seconds"] / 60})
     folder = str(Path(run.dir).parent)
     run.finish()
     return folder
@@ -457,38 +498,75 @@ def log_comparison(args: argparse.Namespace, group: str, results: dict[str, Any]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60, help="training steps of every member (stage 3)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="stand-in steps (default: --steps)")
+    parser.add_argument(
+        "--foundations", type=Path, default=None,
+        help=f"the foundations root (default ${FOUNDATIONS_ENV}, else checkpoints/tiny/foundations); the tiny "
+        "yamls are read with it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-build", action="store_true", help="use the foundations as they are (do not run insightedit foundations)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="data seeds")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="stage-3 training steps of every member, every seed"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: tiny/stage3.yaml's (16)")
     parser.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
     parser.add_argument(
         "--max-minutes", type=float, default=None, help="cap on each training run; a member stopped early is flagged"
     )
-    parser.add_argument("--eval-pairs", type=int, default=48, help="held-out pairs, scored with each phrasing")
+    parser.add_argument(
+        "--eval-pairs", type=int, default=DEFAULT_EVAL_PAIRS, help="held-out pairs per seed, scored with each phrasing"
+    )
     parser.add_argument("--inference-steps", type=int, default=None, help="default: the yaml's evaluation setting")
     parser.add_argument("--text-guidance", type=float, default=None, help="default: the evaluation setting (7.5)")
     parser.add_argument("--image-guidance", type=float, default=None, help="default: the evaluation setting (1.5)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--wandb-project", default="insightedit-zoo")
     parser.add_argument("--wandb-dir", type=Path, default=Path("checkpoints/zoo"), help="offline W&B runs go here")
     parser.add_argument("--no-wandb", action="store_true", help="log nothing to W&B")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: each seed once, got {args.seeds}")
+    for option in ("steps", "eval_pairs"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be ≥ 1")
+    return args
+
+
+def seed_data_args(shared: dict[str, Any], seed: int, batch_size: int | None) -> dict[str, Any]:
+    """The shared data settings with ``seed`` as the synthetic world's, the split's and the sampler's seed."""
+    data_args = copy.deepcopy(dict(shared["data"]["init_args"]))
+    data_args["synthetic"] = {**(data_args.get("synthetic") or {}), "seed": seed}
+    data_args["seed"] = seed
+    if batch_size:
+        data_args["batch_size"] = batch_size
+    return data_args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train the stand-in and every member, score them, write the results; return them."""
+    """Ensure the foundations, train and score every member per seed, summarize, write the results."""
     args = parse_args(argv)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
+    root = args.foundations or default_root()
+    os.environ[FOUNDATIONS_ENV] = str(root)  # the tiny yamls' ${oc.env:INSIGHTEDIT_FOUNDATIONS,...}
     members, notes = available_members(args.members)
-    shared = yaml.safe_load(SHARED.read_text())
-    data_args = dict(shared["data"]["init_args"])
-    if args.batch_size:
-        data_args["batch_size"] = args.batch_size
+    for member, note in notes.items():
+        print(f"{member}: {note}", flush=True)
+    phases: dict[str, float] = {}
+
+    print(f"[foundations] {'checking' if args.no_build else 'ensuring'} {root}", flush=True)
+    t = time.perf_counter()
+    foundations = ensure_foundations(root, build=not args.no_build)
+    phases["foundations"] = round(time.perf_counter() - t, 1)
+    for name, record in foundations.items():
+        print(f"  {name}: held-out {record['metric']}, built in {record['build_minutes']} min", flush=True)
+
+    shared = read_config(SHARED)
     evaluation = dict(shared["model"]["init_args"].get("evaluation") or {})
     for option, key in (
         ("inference_steps", "num_inference_steps"),
@@ -499,127 +577,160 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             evaluation[key] = getattr(args, option)
     evaluation["save_edits"] = False
     test = TestSettings(**evaluation)
-    pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else args.steps
     group = f"zoo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    batch_size = seed_data_args(shared, 0, args.batch_size)["batch_size"]
     results: dict[str, Any] = {
         **provenance(),
         "machine": machine(),
+        "foundations_root": str(root),
+        "foundations": foundations,
+        "seeds": args.seeds,
         "steps": args.steps,
-        "pretrain_steps": pretrain_steps,
-        "batch_size": data_args["batch_size"],
-        "seed": args.seed,
-        "data": data_args,
+        "batch_size": batch_size,
+        "eval_pairs_asked": args.eval_pairs,
         "evaluation": dataclasses.asdict(test),
         "members": members,
+        "starting_points": {},
         "notes": notes,
         "wandb": {"project": args.wandb_project, "group": group, "dir": str(args.wandb_dir)},
-        "runs": {},
-        "eval_seconds": {},
-        "scores": {},
+        "phases_seconds": phases,
+        "per_seed": {},
     }
-    for member, note in notes.items():
-        print(f"{member}: {note}", flush=True)
+    lpips_label = "not computed"
+    first_edits: dict[str, list[torch.Tensor]] = {}
+    first_batches: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        t_seed = time.perf_counter()
+        data_args = seed_data_args(shared, seed, args.batch_size)
+        data = AdvancedEditDataModule(**data_args)
+        data.prepare_data()  # the synthetic world of this seed, generated under data/ on first use
+        data.setup("fit")
+        phases[f"seed {seed}: data"] = round(time.perf_counter() - t_seed, 1)
+        batches = {p: held_out(data, args.eval_pairs, 16, reasoning) for p, reasoning in PHRASINGS.items()}
+        runs = {phrasing: EditTestRun(test) for phrasing in PHRASINGS}
+        if runs["templated"].scorers.lpips:
+            lpips_label = runs["templated"].scorers.lpips.label
+        results["protocol"] = runs["templated"].protocol.describe()
+        per_seed: dict[str, Any] = {
+            "data": data_args,
+            "eval_pairs": sum(len(b["task_type"]) for b in batches["templated"]),
+            "runs": {},
+            "scores": {},
+        }
+        results["per_seed"][str(seed)] = per_seed
+        edits: dict[str, dict[str, list[torch.Tensor]]] = {}
 
-    # the same data for every member: the stand-in reads templated instructions only, as its yaml says
-    stand_in_data = AdvancedEditDataModule(**{**data_args, "reasoning_probability": 0.0})
-    stand_in_data.prepare_data()
-    stand_in_data.setup("fit")
-    data = AdvancedEditDataModule(**data_args)
-    data.setup("fit")
-    batches = {p: held_out(data, args.eval_pairs, 16, reasoning) for p, reasoning in PHRASINGS.items()}
-    results["eval_pairs"] = sum(len(b["task_type"]) for b in batches["templated"])
-    runs = {phrasing: EditTestRun(test) for phrasing in PHRASINGS}
-    lpips_label = runs["templated"].scorers.lpips.label if runs["templated"].scorers.lpips else "not computed"
-    results["protocol"] = runs["templated"].protocol.describe()
-    edits: dict[str, dict[str, list[torch.Tensor]]] = {}
+        def record(row: str, system: EditorSystem | None) -> dict[str, Any]:
+            t = time.perf_counter()
+            edits[row] = {p: edit_all(system, phrased, test) for p, phrased in batches.items()}  # noqa: B023
+            editing = time.perf_counter() - t
+            per_seed["scores"][row] = score(runs, row, batches, edits[row])  # noqa: B023
+            scoring = time.perf_counter() - t - editing
+            run = per_seed["runs"].setdefault(row, {})  # noqa: B023
+            run.update(edit_seconds=round(editing, 1), score_seconds=round(scoring, 1))
+            all_ = per_seed["scores"][row]["templated"]["all"]  # noqa: B023
+            print(
+                f"[seed {seed}] [{row}] edited in {editing:.0f}s, scored in {scoring:.0f}s: templated in-mask "  # noqa: B023
+                f"{cell(all_['psnr_in_mask'])} dB, outside {cell(all_['psnr'])} dB",
+                flush=True,
+            )
+            return per_seed["scores"][row]  # type: ignore[no-any-return]  # noqa: B023
 
-    def record(row: str, system: EditorSystem | None) -> dict[str, Any]:
-        t = time.perf_counter()
-        edits[row] = {p: edit_all(system, phrased, test) for p, phrased in batches.items()}
-        editing = time.perf_counter() - t
-        results["scores"][row] = score(runs, row, batches, edits[row])
-        scoring = time.perf_counter() - t - editing
-        results["eval_seconds"][row] = {"edit": round(editing, 1), "score": round(scoring, 1)}
-        all_ = results["scores"][row]["templated"]["all"]
-        print(
-            f"[{row}] edited in {editing:.0f}s, scored in {scoring:.0f}s: templated in-mask "
-            f"{cell(all_['psnr_in_mask'])} dB, outside {cell(all_['psnr'])} dB",
-            flush=True,
-        )
-        return results["scores"][row]  # type: ignore[no-any-return]
-
-    record(IDENTITY, None)
-    with tempfile.TemporaryDirectory(prefix="zoo-") as work:
-        stand_in_settings = model_settings(STAND_IN)
-        stand_in_settings.update(evaluation=evaluation)
-        stand_in = build_system(stand_in_settings, args.seed)
-        logger = wandb_logger(args, group, "stand-in (tiny InstructPix2Pix)", {"member": "instruct_pix2pix"})
-        print(f"[stand-in] training {pretrain_steps} steps (templated instructions)", flush=True)
-        results["runs"]["stand-in"], trainer = fit(
-            stand_in, stand_in_data, pretrain_steps, args.seed, "stand-in", logger, args.max_minutes
-        )
-        checkpoint = Path(work) / "stand_in.ckpt"
-        trainer.save_checkpoint(checkpoint)
-        if logger is not None:
-            logger.experiment.finish()
-        del stand_in
+        record(IDENTITY, None)
         for member in members:
             row = ROWS.get(member, member)
-            settings = member_settings(member, checkpoint, evaluation)
-            system = build_system(settings, args.seed)
-            run_config = {"member": member, "row": row, "steps": args.steps, "seed": args.seed, "model": settings}
-            logger = wandb_logger(args, group, row, {**run_config, "batch_size": data_args["batch_size"]})
-            print(f"[{row}] training {args.steps} steps from the stand-in", flush=True)
-            results["runs"][row] = {"member": member, "config": str(member_config(member))}
-            stats, _ = fit(system, data, args.steps, args.seed, row, logger, args.max_minutes)
-            results["runs"][row].update(stats)
-            t = time.perf_counter()
-            table = record(row, system)
-            results["runs"][row]["eval_seconds"] = round(time.perf_counter() - t, 1)
-            log_test(logger, row, table)
+            settings = member_settings(member, root, evaluation)
+            results["starting_points"][row] = starting_points(settings)
+            system = build_system(settings, seed)
+            run_config = {"member": member, "row": row, "steps": args.steps, "seed": seed, "model": settings}
+            logger = wandb_logger(args, group, f"{row} seed {seed}", {**run_config, "data": data_args})
+            print(f"[seed {seed}] [{row}] training {args.steps} steps from the foundations", flush=True)
+            per_seed["runs"][row] = {"member": member, "config": str(member_config(member))}
+            stats, _ = fit(system, data, args.steps, seed, row, logger, args.max_minutes)
+            per_seed["runs"][row].update(stats)
+            log_test(logger, row, seed, record(row, system))
             del system
-    steps = {row: run["steps"] for row, run in results["runs"].items() if row != "stand-in"}
+        phases[f"seed {seed}"] = round(time.perf_counter() - t_seed, 1)
+        if not first_edits:
+            first_batches = batches["templated"]
+            first_edits = {row: e["templated"] for row, e in edits.items() if row != IDENTITY}
+
+    steps = {
+        f"{row} seed {seed}": run["steps"]
+        for seed, per_seed in results["per_seed"].items()
+        for row, run in per_seed["runs"].items()
+        if "steps" in run
+    }
     results["equal_steps"] = len(set(steps.values())) <= 1
     if not results["equal_steps"]:
         print(f"WARNING: members trained unequal steps (--max-minutes): {steps}", flush=True)
+    summary = zoo_stats.summarize({int(s): p["scores"] for s, p in results["per_seed"].items()})
+    results["summary"] = zoo_stats.as_json(summary)
+    results["orderings"] = zoo_stats.ordering_lines(summary)
+    results["target"] = zoo_stats.target_check(summary)
     args.out.mkdir(parents=True, exist_ok=True)
     grid = args.out / "zoo_edits.png"
-    picture(batches["templated"], {row: e["templated"] for row, e in edits.items() if row != IDENTITY}, grid, 2, 3)
+    if first_edits:
+        picture(first_batches, first_edits, grid, 2, 3)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results["wandb"]["comparison_run"] = log_comparison(args, group, results, grid)
+    results["wandb"]["comparison_run"] = log_comparison(args, group, results, grid) if first_edits else None
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    table = markdown(results["scores"], lpips_label)
-    header = [
-        f"# The zoo on equal terms ({results['date']})",
-        "",
-        f"`{results['command']}` at `{results['commit']}`; {results['machine']['affinity_cores']} cores "
-        f"(load {results['machine']['load_average_at_start'][0]:.1f} at start), wall time "
-        f"{results['wall_seconds'] / 60:.1f} min. Stand-in: {results['runs']['stand-in']['steps']} steps; "
-        f"every member: stage 3, {args.steps} steps from it, batch {data_args['batch_size']}, seed {args.seed}. "
-        f"{results['eval_pairs']} held-out pairs, protocol {test.protocol} at {test.resolution} px, "
-        f"{test.num_inference_steps} DDIM steps, guidance text {test.text_guidance} / image {test.image_guidance}.",
-        "",
-        "Minutes of CPU training on the 32-px synthetic twin: the table shows which members begin to edit, not "
-        "which is best, and is never comparable with the paper's numbers "
-        "(docs/deviations.md#6-the-comparison-on-the-twin).",
-        "",
-        "| run | steps | train s | edit + score s |",
-        "|---|---|---|---|",
-        *(
-            f"| {row} | {run['steps']} | {run['seconds']} | {run.get('eval_seconds', '–')} |"
-            for row, run in results["runs"].items()
-        ),
-        "",
-        *([] if results["equal_steps"] else ["**The members trained unequal steps (stopped by --max-minutes).**", ""]),
-        *(f"- {member}: {note}" for member, note in notes.items()),
-        "",
-    ]
-    (args.out / "zoo_results.md").write_text("\n".join(header) + table + "\n")
+    table = zoo_stats.markdown(summary, args.seeds, lpips_label)
+    (args.out / "zoo_results.md").write_text(header(results, test, notes) + table + "\n")
     (args.out / "zoo_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table)
-    print(f"wrote {args.out / 'zoo_results.md'}, zoo_results.json and {grid} in {results['wall_seconds']:.0f} s")
+    print(f"wrote {args.out / 'zoo_results.md'}, zoo_results.json and {grid} in {results['wall_seconds'] / 60:.1f} min")
     return results
 
 
+def header(results: dict[str, Any], test: TestSettings, notes: dict[str, str]) -> str:
+    """The results file's head: command, commit, machine, foundations, time per phase and per run."""
+    found = ", ".join(
+        f"{name} ({zoo_stats_metric(r['metric'])}; built in {r['build_minutes']} min"
+        f"{', this run' if r['built_by_this_run'] else ''})"
+        for name, r in results["foundations"].items()
+    )
+    phases = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in results["phases_seconds"].items())
+    lines = [
+        f"# The zoo on equal terms, on the tiny foundations ({results['date']})",
+        "",
+        f"`{results['command']}` at `{results['commit']}`; {results['machine']['affinity_cores']} cores, "
+        f"{results['machine']['torch_threads']} torch threads "
+        f"(load {results['machine']['load_average_at_start'][0]:.1f} at start); "
+        f"wall time {results['wall_seconds'] / 60:.1f} min (per phase, min: {phases}).",
+        "",
+        f"Foundations in `{results['foundations_root']}`: {found}. Every member: stage 3 from them, "
+        f"{results['steps']} steps, batch {results['batch_size']}, data seeds {results['seeds']} (the synthetic "
+        f"world's, the split's and the training seed); {results['per_seed'][str(results['seeds'][0])]['eval_pairs']} "
+        f"held-out pairs per seed, protocol {test.protocol} at {test.resolution} px, {test.num_inference_steps} DDIM "
+        f"steps, guidance text {test.text_guidance} / image {test.image_guidance}.",
+        "",
+        "Minutes of CPU training on the 32-px synthetic twin: never comparable with the paper's numbers "
+        "(docs/deviations.md#6-the-comparison-on-the-twin).",
+        "",
+        "| run | " + " | ".join(f"seed {s}: steps, train s, edit s" for s in results["seeds"]) + " |",
+        "|---|" + "---|" * len(results["seeds"]),
+    ]
+    rows = list(results["per_seed"][str(results["seeds"][0])]["runs"])
+    for row in rows:
+        cells = []
+        for seed in results["seeds"]:
+            run = results["per_seed"][str(seed)]["runs"].get(row, {})
+            cells.append(f"{run.get('steps', '–')}, {run.get('seconds', '–')}, {run.get('edit_seconds', '–')}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", *([] if results["equal_steps"] else ["**Unequal steps (stopped by --max-minutes).**", ""])]
+    lines += [*(f"- {member}: {note}" for member, note in notes.items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+def zoo_stats_metric(metric: dict[str, float] | None) -> str:
+    """A foundation's held-out metric, short."""
+    return ", ".join(f"{k} {v:.3g}" for k, v in (metric or {}).items()) or "no metric recorded"
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
