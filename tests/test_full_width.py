@@ -137,11 +137,78 @@ def test_full_width_configs_keep_every_real_width():
 
 
 def test_overlay_names_the_folders_the_script_writes_by_default():
-    overlay = yaml.safe_load(OVERLAY.read_text())["model"]["init_args"]
+    init_args = yaml.safe_load(OVERLAY.read_text())["model"]["init_args"]
+    assert not {"comprehension", "bridging", "generation", "head"} & set(init_args)  # every member reads the overlay
+    overlay = init_args["section_overrides"]
     assert overlay["comprehension"]["pretrained"] == (fw.DEFAULT_OUT / fw.LLAVA_DIR).as_posix()
     assert overlay["generation"]["pretrained"] == (fw.DEFAULT_OUT / fw.PIX2PIX_DIR).as_posix()
     assert overlay["bridging"]["clip_pretrained"] == (fw.DEFAULT_OUT / fw.CLIP_DIR / fw.CLIP_FILE).as_posix()
     assert overlay["bridging"]["clip_model"] == fw.iaa_clip_config()  # the folder's open_clip_config.json
+
+
+MEMBER_CONFIGS = ("instruct_pix2pix", "mgie", "smartedit", "insightedit_no_iaa", "insightedit_no_bim", "stage3")
+
+
+@pytest.mark.parametrize("name", MEMBER_CONFIGS)
+def test_overlay_composes_with_every_members_full_yaml(name, small_folders):
+    """Each member's yaml + the overlay: the member's sections get the folders, parts it lacks are skipped."""
+    from insightedit.commands.plan import build_on_meta, planned_config
+    from insightedit.models.zoo import SECTIONS, get_member, resolve_section_overrides
+    from insightedit.training.composition import merge_config_files
+
+    raw = merge_config_files([f"lightning_configs/{name}.yaml", str(OVERLAY)])["model"]["init_args"]
+    member = get_member(raw["member"])
+    resolved = resolve_section_overrides(raw)
+    overrides = raw["section_overrides"]
+    assert "section_overrides" not in resolved
+    for section in SECTIONS:
+        if section in member.sections and section in overrides:
+            for key, value in overrides[section].items():
+                assert resolved[section][key] == value, (section, key)
+            kept = {k: v for k, v in (raw.get(section) or {}).items() if k not in overrides[section]}
+            assert kept.items() <= resolved[section].items()  # the member's own settings stay (LoRA, sizes...)
+        elif section not in member.sections:
+            assert not resolved.get(section), section  # skipped: build_editor would refuse it
+    # plan builds it on meta from the folders' configs (the small ones here: same layout, no weights read)
+    config = planned_config([f"lightning_configs/{name}.yaml", str(OVERLAY)])
+    init_args = config["model"]["init_args"]
+    assert "section_overrides" not in init_args
+    local = {"comprehension": ("pretrained", fw.LLAVA_DIR), "generation": ("pretrained", fw.PIX2PIX_DIR),
+             "bridging": ("clip_pretrained", fw.CLIP_DIR)}  # fmt: skip
+    for section, (key, folder) in local.items():
+        if section in member.sections:
+            path = small_folders[folder] / fw.CLIP_FILE if section == "bridging" else small_folders[folder]
+            init_args[section][key] = str(path)
+            if section == "bridging":
+                init_args[section]["clip_model"] = fw.iaa_clip_config(small=True)
+    system, named, _ = build_on_meta(config["model"])
+    assert set(named) == {f"{s}.{local[s][0]}" for s in local if s in member.sections}
+    assert all(p.device.type == "meta" for p in system.parameters())
+    if system.editor.mllm is not None:
+        assert system.editor.mllm.base_model.config.text_config.vocab_size == 32064  # the folder's config, read
+
+
+def test_section_overrides_are_saved_merged_and_refused_when_misnamed():
+    """What is saved is what was built: the hyperparameters hold the merged sections, no section_overrides."""
+    from insightedit.errors import UserError
+    from insightedit.models.zoo import apply_section_overrides
+    from insightedit.systems.editor_system import EditorSystem
+
+    overrides = {"comprehension": {"lora_rank": 2}, "generation": {"prediction_type": "v_prediction"}}
+    system = EditorSystem(member="instruct_pix2pix", preset="tiny", section_overrides=overrides)
+    assert "section_overrides" not in system.hparams or system.hparams["section_overrides"] is None
+    assert system.hparams["comprehension"] is None  # InstructPix2Pix has no MLLM: skipped
+    assert system.hparams["generation"] == {"prediction_type": "v_prediction"}
+    assert system.editor.generation.noise_scheduler.config.prediction_type == "v_prediction"
+    again = EditorSystem(**system.hparams)  # a checkpoint's hyperparameters rebuild the same system
+    assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in system.named_parameters()}
+    with pytest.raises(UserError, match="has no comprehension section"):  # given directly: still refused
+        EditorSystem(member="instruct_pix2pix", preset="tiny", comprehension={"lora_rank": 2})
+    with pytest.raises(UserError, match="section_overrides has no section heads"):
+        apply_section_overrides("mgie", {}, {"heads": {"width": 8}})
+    merged = apply_section_overrides("mgie", {"comprehension": {"lora_rank": 8, "dtype": "bfloat16"}},
+                                     {"comprehension": {"dtype": "float32"}, "bridging": {"x": 1}})  # fmt: skip
+    assert merged["comprehension"] == {"lora_rank": 8, "dtype": "float32"} and not merged.get("bridging")
 
 
 # ---------------------------------------------------------------- the chain at real widths (slow)
