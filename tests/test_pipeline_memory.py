@@ -45,7 +45,7 @@ def run_plan(capsys, config: str, resolution: int) -> list[dict]:
 
 
 def by_setting(rows: list[dict]) -> dict[tuple, dict]:
-    return {(r["dtype"], r["four_bit_mllm"], r["memory_mode"]): r for r in rows}
+    return {(r["dtype"], r["quantization"], r["memory_mode"]): r for r in rows}
 
 
 def test_tiny_edit_plan_orders_the_settings():
@@ -53,32 +53,38 @@ def test_tiny_edit_plan_orders_the_settings():
     from insightedit.systems.editor_system import EditorSystem
 
     system = EditorSystem(member="insightedit", preset="tiny", generation={"latent": "vae"}).to("meta")
-    rows = {(r.dtype, r.four_bit, r.memory_mode): r for r in plan_edit_memory(system, 64)}
-    assert len(rows) == 10  # 2 dtypes x (full, low, sequential with the 16-bit MLLM; full, low with the 4-bit)
+    rows = {(r.dtype, r.quantization, r.memory_mode): r for r in plan_edit_memory(system, 64)}
+    assert len(rows) == 14  # 2 dtypes x (full, low, sequential with the 16-bit MLLM; full, low with the 4-, 8-bit)
+    assert (rows[("float16", "4bit", "low")].four_bit, rows[("float16", "8bit", "low")].eight_bit) == (True, True)
     for dtype in ("float16", "bfloat16"):
-        assert rows[(dtype, False, "sequential")].peak <= rows[(dtype, False, "low")].peak
-        assert rows[(dtype, False, "low")].peak < rows[(dtype, False, "full")].peak
-        assert rows[(dtype, True, "full")].weights["mllm"] < rows[(dtype, False, "full")].weights["mllm"]
-        assert min(rows[(dtype, False, "full")].activations.values()) > 0
-        assert rows[(dtype, False, "full")].moved == 0 < rows[(dtype, False, "sequential")].moved
-    assert rows[("float16", True, "low")].peak == rows[("bfloat16", True, "low")].peak
+        assert rows[(dtype, None, "sequential")].peak <= rows[(dtype, None, "low")].peak
+        assert rows[(dtype, None, "low")].peak < rows[(dtype, None, "full")].peak
+        four, eight, sixteen = (rows[(dtype, bits, "full")].weights["mllm"] for bits in ("4bit", "8bit", None))
+        assert four < eight < sixteen
+        assert min(rows[(dtype, None, "full")].activations.values()) > 0
+        assert rows[(dtype, None, "full")].moved == 0 < rows[(dtype, None, "sequential")].moved
+    assert rows[("float16", "4bit", "low")].peak == rows[("bfloat16", "4bit", "low")].peak
 
 
 def test_full_size_edit_at_512_fits_8_gb_in_low_memory_with_the_4bit_mllm(capsys):
     rows = by_setting(run_plan(capsys, "stage3.yaml", 512))
-    resident = rows[("float16", False, "full")]
+    resident = rows[("float16", None, "full")]
     assert resident["weights_gib"]["mllm"] == pytest.approx(7_063_427_072 * 2 / GIB, rel=0.01)  # LLaVA-7B in 16 bit
     assert resident["weights_gib"]["unet"] == pytest.approx(881_065_668 * 2 / GIB, rel=0.01)  # UNet + image branch
     assert not resident["fits_8_gb"]
-    low = rows[("float16", True, "low")]  # the 4-bit MLLM stays on the accelerator while the UNet runs
+    low = rows[("float16", "4bit", "low")]  # the 4-bit MLLM stays on the accelerator while the UNet runs
     w = low["weights_gib"]
     assert low["fits_8_gb"] and low["peak_gib"] >= round(w["mllm"] + w["unet"] + w["vae"], 2)
-    assert rows[("bfloat16", False, "low")]["peak_gib"] > 8  # low-memory alone cannot hold the 16-bit 7B MLLM
+    assert rows[("bfloat16", None, "low")]["peak_gib"] > 8  # low-memory alone cannot hold the 16-bit 7B MLLM
+    # the 8-bit MLLM: the LLM's frozen linear weights (6.48e9 for LLaVA-7B's 32 layers) at 1 byte instead of 2
+    eight = rows[("float16", "8bit", "full")]["weights_gib"]["mllm"]
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert eight == pytest.approx(resident["weights_gib"]["mllm"] - linear / GIB, abs=0.01)
 
 
 def test_full_size_sequential_edit_at_512_fits_8_gb_without_quantization(capsys):
     rows = by_setting(run_plan(capsys, "stage3.yaml", 512))
-    assert ("float16", True, "sequential") not in rows  # the mode refuses a 4-bit MLLM
+    assert ("float16", "4bit", "sequential") not in rows and ("float16", "8bit", "sequential") not in rows
     # by hand, from LLaVA-1.5-7B's config (hidden 4096, MLP 11008, 32 layers, vocab 32064) and stage 3's
     # LoRA (r = 8 on q, k, v, o): the largest block the offload streams is one LLaMA decoder layer
     h, f, r = 4096, 11008, 8
@@ -89,7 +95,7 @@ def test_full_size_sequential_edit_at_512_fits_8_gb_without_quantization(capsys)
     assert embedding < decoder_layer
     block = (decoder_layer + lora) * 2  # fp16 bytes: 405,291,008
     for dtype in ("float16", "bfloat16"):
-        row = rows[(dtype, False, "sequential")]
+        row = rows[(dtype, None, "sequential")]
         assert row["largest_mllm_block_bytes"] == block
         w, a = row["weights_gib"], row["activations_gib"]
         understand = block / GIB + w["bridge"] + max(a["mllm"], a["bridge"])

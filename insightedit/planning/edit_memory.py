@@ -1,12 +1,13 @@
 """Peak accelerator memory of one edit (``insightedit plan --edit``), for any member of the zoo, with no weights.
 
-One row per precision (fp16, bf16), MLLM (16-bit or 4-bit; members with an MLLM) and memory mode of the pipeline:
+One row per precision (fp16, bf16), MLLM (16, 4 or 8 bit; members with an MLLM) and memory mode of the pipeline:
 ``full`` (everything resident), ``low`` (MLLM + bridge, then UNet + VAE) and ``sequential`` (``low`` with
-the 16-bit MLLM streamed from CPU memory a block at a time; no 4-bit row: that mode refuses a 4-bit MLLM).
+the 16-bit MLLM streamed from CPU memory a block at a time; no 4-/8-bit row: that mode refuses them).
 
 Method (printed with every plan):
 - weights in the edit's dtype (2 bytes for fp16 and bf16 alike); with the 4-bit MLLM the language
-  model's frozen linear weights take :data:`NF4_BYTES` (NF4 with double quantization), the vision tower,
+  model's frozen linear weights take :data:`NF4_BYTES` (NF4 with double quantization), with the 8-bit
+  MLLM (LLM.int8) :data:`INT8_BYTES` (int8 values; per-row scales not counted), the vision tower,
   projector, embeddings and head stay 16 bit. "bridge" is whatever else the member runs before the UNet
   (its ``understanding_modules()``: Q-Former, BIM and Mapper; an edit head; InstructPix2Pix's text encoder).
   Not on the accelerator at edit time: the CLIP image tower that supervised the IAA Mapper (unused at
@@ -20,13 +21,13 @@ Method (printed with every plan):
   its activations are a formula: the KV cache transformers keeps for the one forward (2·L·s·h), the
   vision tower's hidden states (all layers, which LLaVA asks for) and one layer's transients (4·s·h + 3·s·f);
 - the peak is the largest phase: full mode, everything resident plus the largest activation; low mode,
-  the larger of (MLLM + bridge + their activations) and (UNet + VAE + theirs), plus the 4-bit MLLM in the
+  the larger of (MLLM + bridge + their activations) and (UNet + VAE + theirs), plus the 4-/8-bit MLLM in the
   second phase too, since bitsandbytes weights stay on the accelerator; sequential mode, the same with
   the MLLM replaced by its largest streamed block (the blocks the offload hooks load whole, listed from the
   built model by the rule accelerate applies: for LLaVA-7B one LLaMA decoder layer with its LoRA), an upper
   bound since that block's weights and the whole forward's activation peak need not coincide;
 - moved per edit and its time: weights copied between CPU and accelerator memory in one edit (low: every
-  part there and back, a 4-bit MLLM excepted; sequential: every MLLM block that runs, one way, output head
+  part there and back, a 4-/8-bit MLLM excepted; sequential: every MLLM block that runs, one way, output head
   excluded, plus bridge, UNet and VAE there and back) at an assumed :data:`PCIE_BYTES_PER_S` (PCIe 4.0 x16
   from pinned memory): an estimate of the added seconds, not a measurement.
 Not included: the CUDA context (~0.3–0.5 GiB), allocator fragmentation, the MLLM's 4-bit dequantization
@@ -62,6 +63,7 @@ GROUPS = {
 }
 TRAINING_ONLY_PARTS = ("clip_image_encoder",)  # the IAA target's CLIP tower: supervises the Mapper, unused in an edit
 GOAL_GIB = 8.0
+INT8_BYTES = 1.0  # LLM.int8: one byte a weight (its fp32 scale per output row: ~0.1%, not counted)
 PCIE_BYTES_PER_S = 25e9  # host-to-device copy rate assumed for the transfer estimate
 MODES = ("full", "low", "sequential")
 
@@ -125,6 +127,12 @@ class EditMemory:
     activations: dict[str, int]
     largest_block: int = 0  # bytes of the largest MLLM block the sequential mode streams
     streamed: int = 0  # bytes of the MLLM blocks that run in an edit (what the stream copies)
+    eight_bit: bool = False  # the MLLM's language model in LLM.int8 (``--8bit``)
+
+    @property
+    def quantization(self) -> str | None:
+        """``"4bit"``, ``"8bit"`` or ``None`` (16-bit MLLM), as ``EditPipeline``'s ``quantization``."""
+        return "4bit" if self.four_bit else "8bit" if self.eight_bit else None
 
     @property
     def low_memory(self) -> bool:
@@ -143,7 +151,7 @@ class EditMemory:
         if self.memory_mode == "full":
             return sum(w.values()) + max(a.values())
         understand = self.mllm_on_accelerator + w["bridge"] + max(a["mllm"], a["bridge"])
-        stays = w["mllm"] if (self.four_bit and self.memory_mode == "low") else 0  # bitsandbytes weights stay
+        stays = w["mllm"] if (self.quantization and self.memory_mode == "low") else 0  # bitsandbytes weights stay
         generate = stays + w["unet"] + w["vae"] + max(a["unet"], a["vae"])
         return max(understand, generate)
 
@@ -156,13 +164,14 @@ class EditMemory:
         swapped = 2 * (w["bridge"] + w["unet"] + w["vae"])
         if self.memory_mode == "sequential":
             return swapped + self.streamed
-        return swapped + (0 if self.four_bit else 2 * w["mllm"])
+        return swapped + (0 if self.quantization else 2 * w["mllm"])
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, in GiB (``moved_gb_per_edit`` in GB, 10⁹ bytes, as bandwidth is quoted)."""
         return {
             "dtype": self.dtype,
             "four_bit_mllm": self.four_bit,
+            "quantization": self.quantization,
             "memory_mode": self.memory_mode,
             "low_memory": self.low_memory,
             "weights_gib": {k: round(v / GIB, 3) for k, v in self.weights.items()},
@@ -182,8 +191,8 @@ def _editor(system: Any) -> Any:
     return getattr(system, "editor", system)
 
 
-def weight_bytes(system: Any, four_bit: bool) -> dict[str, int]:
-    """Bytes of the weights an edit puts on the accelerator, per phase group, in 16 bit (or NF4).
+def weight_bytes(system: Any, four_bit: bool, eight_bit: bool = False) -> dict[str, int]:
+    """Bytes of the weights an edit puts on the accelerator, per phase group, in 16 bit (or NF4, or int8).
 
     Groups: ``mllm`` (the MLLM with its LoRA and token rows), ``bridge`` (what else the member runs before
     the UNet: :meth:`~insightedit.models.editor.Editor.understanding_modules`, less the training-only
@@ -192,8 +201,8 @@ def weight_bytes(system: Any, four_bit: bool) -> dict[str, int]:
     editor = _editor(system)
     understanding = {id(p) for module in editor.understanding_modules() for p in module.parameters()}
     counts = count_modules(editor)
-    quantized = counts["llava"].frozen_16bit_linear if (four_bit and "llava" in counts) else 0
-    result = {"mllm": quantized * NF4_BYTES, "bridge": 0.0, "unet": 0.0, "vae": 0.0}
+    quantized = counts["llava"].frozen_16bit_linear if ((four_bit or eight_bit) and "llava" in counts) else 0
+    result = {"mllm": quantized * (NF4_BYTES if four_bit else INT8_BYTES), "bridge": 0.0, "unet": 0.0, "vae": 0.0}
     for name, parameter in editor.named_parameters():
         part = part_of(name)
         group = GROUPS.get(part)
@@ -285,9 +294,9 @@ def counted_activations(system: Any, resolution: int, dtype: torch.dtype) -> dic
 
 
 def plan_edit_memory(system: Any, resolution: int = 512) -> list[EditMemory]:
-    """Peak edit memory for fp16 and bf16, 16-bit or 4-bit MLLM, in each memory mode (no sequential 4-bit).
+    """Peak edit memory for fp16 and bf16, 16-, 4- or 8-bit MLLM, in each memory mode (no sequential 4-/8-bit).
 
-    Members without an MLLM get no 4-bit rows and no sequential rows (nothing to quantize or stream).
+    Members without an MLLM get no 4-/8-bit rows and no sequential rows (nothing to quantize or stream).
     """
     activations = counted_activations(system, resolution, torch.float16)
     activations["mllm"] = mllm_activation_bytes(system)
@@ -295,12 +304,13 @@ def plan_edit_memory(system: Any, resolution: int = 512) -> list[EditMemory]:
     has_mllm = _editor(system).mllm is not None
     rows = []
     for dtype in ("float16", "bfloat16"):
-        for four_bit in (False, True) if has_mllm else (False,):
-            weights = weight_bytes(system, four_bit)
+        for bits in (None, "4bit", "8bit") if has_mllm else (None,):
+            four_bit, eight_bit = bits == "4bit", bits == "8bit"
+            weights = weight_bytes(system, four_bit, eight_bit)
             for mode in MODES:
-                if (four_bit or not has_mllm) and mode == "sequential":
+                if (bits or not has_mllm) and mode == "sequential":
                     continue
-                rows.append(EditMemory(dtype, four_bit, mode, weights, dict(activations), largest, streamed))
+                rows.append(EditMemory(dtype, four_bit, mode, weights, dict(activations), largest, streamed, eight_bit))
     return rows
 
 
@@ -308,19 +318,19 @@ def format_edit_plan(rows: list[EditMemory], resolution: int, width: int = 100) 
     """A table of the edit-memory plan; fp16 and bf16 (same bytes) share one row, the method wrapped to ``width``."""
     import textwrap
 
-    shown = {(r.four_bit, r.memory_mode): r for r in rows}  # fp16 and bf16 rows are equal: 2 bytes a value either way
+    shown = {(r.quantization, r.memory_mode): r for r in rows}  # fp16 and bf16 rows are equal: 2 bytes a value
     lines = [
         f"edit memory at {resolution}x{resolution}, batch 1, GiB on the accelerator "
         f"(MLLM: its weights there at once; moved: GB copied per edit, ≈s at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s)",
         "fp16 and bf16 take the same bytes (2 per value), so one row stands for both",
-        f"{'4-bit MLLM':<10} {'memory':<10} {'MLLM':>6} {'bridge':>6} {'UNet':>6} {'VAE':>6} "
+        f"{'LLM bits':<10} {'memory':<10} {'MLLM':>6} {'bridge':>6} {'UNet':>6} {'VAE':>6} "
         f"{'act max':>7} {'peak':>6} {'fits 8 GB':>9} {'moved':>6} {'≈s':>5}",
     ]
     for row in shown.values():
         d = row.as_dict()
         w, a = d["weights_gib"], d["activations_gib"]
         lines.append(
-            f"{'yes' if row.four_bit else 'no':<10} {row.memory_mode:<10} "
+            f"{(row.quantization or '16bit').replace('bit', '-bit'):<10} {row.memory_mode:<10} "
             f"{d['mllm_on_accelerator_gib']:>6.2f} {w['bridge']:>6.2f} {w['unet']:>6.2f} {w['vae']:>6.2f} "
             f"{max(a.values()):>7.2f} {d['peak_gib']:>6.2f} {'yes' if d['fits_8_gb'] else 'no':>9} "
             f"{d['moved_gb_per_edit']:>6.1f} {d['transfer_s_estimate']:>5.2f}"
