@@ -187,6 +187,30 @@ def test_4bit_mllm_loads_and_edits(tmp_path, pipe):
     assert set(out.timings) == {"understand", "generate", "total"}
 
 
+def test_edit_command_8bit_loads_the_mllm_in_llm_int8_and_edits(tmp_path, pipe, capsys):
+    """``insightedit edit --8bit`` on the tiny twin: bitsandbytes' CPU backend runs LLM.int8."""
+    import bitsandbytes as bnb
+
+    from insightedit.cli import main
+
+    folder = pipe.save_pretrained(tmp_path / "model")
+    loaded = EditPipeline.from_pretrained(folder, device="cpu", quantization="8bit")
+    assert getattr(loaded.mllm.base_model, "is_loaded_in_8bit", False)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in loaded.mllm.modules())
+    random_image(24, 36, 7).save(tmp_path / "photo.png")
+    common = ["edit", "--model", str(folder), "--image", str(tmp_path / "photo.png"), "--instruction",
+              INSTRUCTIONS[0], "--steps", "2"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "edited.png"), "--8bit"]) == 0
+    assert Image.open(tmp_path / "edited.png").size == (36, 24)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "o.png"), "--8bit", "--memory", "sequential"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --memory sequential streams the 16-bit MLLM; with --8bit use --memory low"
+    )
+    assert main([*common, "--out", str(tmp_path / "o.png"), "--8bit", "--4bit"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_empty_instruction_and_mismatched_batches_are_refused(pipe):
     with pytest.raises(ValueError, match="non-empty"):
         pipe(random_image(32, 32, 0), "  ")

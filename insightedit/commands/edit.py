@@ -32,9 +32,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", help="auto (bf16/fp16 on a GPU, fp32 on the CPU), float32, bfloat16, float16"
     )
-    parser.add_argument(
-        "--4bit", dest="four_bit", action="store_true", help="load the MLLM's LLM in 4 bit (NF4; members with an MLLM)"
-    )
+    bits = parser.add_mutually_exclusive_group()
+    bits.add_argument(
+        "--4bit", dest="quantization", action="store_const", const="4bit",
+        help="load the MLLM's language model in 4 bit (bitsandbytes NF4; members with an MLLM)",
+    )  # fmt: skip
+    bits.add_argument(
+        "--8bit", dest="quantization", action="store_const", const="8bit",
+        help="load the MLLM's language model in 8 bit (bitsandbytes LLM.int8; members with an MLLM)",
+    )  # fmt: skip
     memory = parser.add_mutually_exclusive_group()
     memory.add_argument(
         "--memory",
@@ -43,7 +49,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the weights live during an edit: full (all on the accelerator; fastest), low (what reads the "
         "instruction, e.g. the MLLM and bridge, then the UNet and VAE, take turns on it), sequential (as low, and "
         "the MLLM stays in CPU memory and streams to the accelerator one layer at a time: least memory, ~2.2 GiB "
-        "at 512x512 for full-size InsightEdit, slowest; not with --4bit; members without an MLLM: as low). "
+        "at 512x512 for full-size InsightEdit, slowest; not with --4bit/--8bit; members without an MLLM: as low). "
         "Default: full",
     )
     memory.add_argument(
@@ -59,15 +65,16 @@ def load_model(args: argparse.Namespace) -> Any:
         args.model,
         device=args.device,
         dtype=args.dtype,
-        quantization="4bit" if args.four_bit else None,
+        quantization=args.quantization,
         memory_mode=args.memory,
     )
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
     """Refuse model options that cannot go together, before anything is loaded."""
-    if args.memory == "sequential" and args.four_bit:
-        raise UserError("--memory sequential streams the 16-bit MLLM; with --4bit use --memory low")
+    if args.memory == "sequential" and args.quantization:
+        flag = f"--{args.quantization}"
+        raise UserError(f"--memory sequential streams the 16-bit MLLM; with {flag} use --memory low")
 
 
 def build_parser() -> argparse.ArgumentParser:

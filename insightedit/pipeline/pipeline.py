@@ -55,8 +55,9 @@ def resolve_memory_mode(memory_mode: str | None, low_memory: bool = False) -> Me
 
 
 def is_4bit(module: nn.Module | None) -> bool:
-    """Whether ``module`` (an MLLM) holds a language model loaded in 4 bit (bitsandbytes)."""
-    return bool(getattr(getattr(module, "base_model", None), "is_loaded_in_4bit", False))
+    """Whether ``module`` (an MLLM) holds a language model in 4 or 8 bit (bitsandbytes: it stays where loaded)."""
+    base = getattr(module, "base_model", None)
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
 class HoldsEditor(Protocol):
@@ -153,19 +154,20 @@ class EditPipeline:
         """Load a folder written by :meth:`save_pretrained` / ``insightedit export`` (any member).
 
         ``device``/``dtype`` default to the best available (bf16 or fp16 on a GPU, fp32 on the CPU);
-        ``quantization="4bit"`` loads the MLLM's language model in NF4 (bitsandbytes; members with an
-        MLLM only); ``memory_mode`` (or ``low_memory=True`` for ``"low"``) as in the class docstring;
+        ``quantization="4bit"`` loads the MLLM's language model in NF4, ``"8bit"`` in LLM.int8 (bitsandbytes;
+        members with an MLLM only); ``memory_mode`` (or ``low_memory=True`` for ``"low"``) as in the class docstring;
         ``"sequential"`` needs the 16-bit MLLM (no ``quantization``).
         """
         directory = Path(directory)
         mode = resolve_memory_mode(memory_mode, low_memory)
         if mode == "sequential" and quantization:
-            raise UserError("the sequential memory mode streams 16-bit weights; with a 4-bit MLLM use 'low'")
+            raise UserError("the sequential memory mode streams 16-bit weights; with a 4-/8-bit MLLM use 'low'")
         index = fmt.read_model_index(directory)
         member = get_member(str(index["member"]))
         entries: dict[str, dict[str, Any]] = index["parts"]
         if quantization and not any(entry["kind"] == "comprehension" for entry in entries.values()):
-            raise UserError(f"4-bit quantization applies to an MLLM; member {member.name} has none")
+            bits = str(quantization).replace("bit", "-bit")  # "4-bit", "8-bit"
+            raise UserError(f"{bits} quantization applies to an MLLM; member {member.name} has none")
         target = resolve_device(device)
         precision = resolve_dtype(dtype, target)
         try:
@@ -234,7 +236,7 @@ class EditPipeline:
         if mode == self.memory_mode and (not streams or self.offload is not None):
             return
         if streams and is_4bit(mllm):
-            raise UserError("the sequential memory mode streams 16-bit weights; with a 4-bit MLLM use 'low'")
+            raise UserError("the sequential memory mode streams 16-bit weights; with a 4-/8-bit MLLM use 'low'")
         if self.offload is not None:
             self.offload.remove()
             self.offload = None
