@@ -200,6 +200,12 @@ def test_section_overrides_are_saved_merged_and_refused_when_misnamed():
     assert system.hparams["comprehension"] is None  # InstructPix2Pix has no MLLM: skipped
     assert system.hparams["generation"] == {"prediction_type": "v_prediction"}
     assert system.editor.generation.noise_scheduler.config.prediction_type == "v_prediction"
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    given = {"member": "instruct_pix2pix", "preset": "tiny", "section_overrides": overrides}
+    with _given_hyperparameters_context(given, "lightning.pytorch.cli.instantiate_module"):  # as LightningCLI builds
+        from_cli = EditorSystem(**given)
+    assert from_cli.hparams["generation"] == system.hparams["generation"] and not from_cli.hparams["section_overrides"]
     again = EditorSystem(**system.hparams)  # a checkpoint's hyperparameters rebuild the same system
     assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in system.named_parameters()}
     with pytest.raises(UserError, match="has no comprehension section"):  # given directly: still refused

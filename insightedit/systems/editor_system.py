@@ -86,16 +86,17 @@ class EditorSystem(L.LightningModule):
         prediction: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if section_overrides:  # merged before save_hyperparameters, which reads these locals: what is saved is built
-            given = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
-            merged = apply_section_overrides(member, given, section_overrides)
-            comprehension, bridging = merged["comprehension"], merged["bridging"]
-            generation, head = merged["generation"], merged["head"]
-            section_overrides = None
+        given = {"comprehension": comprehension, "bridging": bridging, "generation": generation, "head": head}
+        merged = apply_section_overrides(member, given, section_overrides)
+        comprehension, bridging = merged["comprehension"], merged["bridging"]
+        generation, head = merged["generation"], merged["head"]
         # test and predict settings stay out of checkpoints: Lightning's CLI lets a --ckpt_path's hyperparameters
         # override the command line, so a stored section would hide --model.init_args.evaluation / .prediction
         # (checkpoints written before evaluation was left out still hold it: InsightEditCLI keeps the command line's)
         self.save_hyperparameters(ignore=["evaluation", "prediction"])
+        if section_overrides:  # what is saved is what was built (LightningCLI hands save_hyperparameters the config)
+            self.hparams.update(merged)
+            self.hparams["section_overrides"] = None
         self.evaluation: dict[str, Any] = dict(evaluation or {})
         editor_class = get_member(member).editor_class()
         self.stage: StageSettings = resolve_stage(
