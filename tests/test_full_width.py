@@ -2,8 +2,9 @@
 
 The fast tests write :mod:`benchmarks.full_width_folders`' three folders with ``small=True`` (the real
 layouts, tokenizers and special ids; narrow towers) and load them with the calls the full preset uses;
-the full-width configs are checked without building anything. The slow test runs the chain of
-``lightning_configs/full_width_cpu.yaml`` from the folders it writes (reused when stamped) to 512² edits.
+the full-width configs are checked without building anything, and the overlay composes and plans with
+every member's full yaml. The slow tests run the chain of ``lightning_configs/full_width_cpu.yaml`` from
+the folders it writes (reused when stamped) to 512² edits, InsightEdit's three stages and every other member.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def _cli(*args: str, timeout: int = 3600) -> str:
 
 @pytest.mark.slow
 def test_full_width_chain_trains_tests_exports_and_edits(tmp_path):
-    """Folders -> fit stages 1, 2, 3 (each from the last) -> test 2 pairs -> export -> 512² edit per memory mode."""
+    """Folders -> fit stages 1, 2, 3 (each from the last) -> test 2 pairs -> export -> 512² edit per memory mode,
+    4-bit and 8-bit (the CLI's --4bit / --8bit) included."""
     from PIL import Image
 
     fw.write_full_width_folders(REPOSITORY / fw.DEFAULT_OUT)  # reused when already written
@@ -256,8 +258,8 @@ def test_full_width_chain_trains_tests_exports_and_edits(tmp_path):
     pixels = torch.zeros(512, 512, 3, dtype=torch.uint8)
     pixels[..., 2], pixels[150:350, 150:350, 0] = 200, 220
     Image.fromarray(pixels.numpy()).save(photo)
-    for mode in ("full", "low", "sequential", "4bit"):
-        flags = ["--4bit"] if mode == "4bit" else ["--memory", mode]
+    for mode in ("full", "low", "sequential", "4bit", "8bit"):
+        flags = [f"--{mode}"] if mode.endswith("bit") else ["--memory", mode]
         edited = tmp_path / f"edit-{mode}.png"
         _cli("edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
              f"--out={edited}", "--steps=2", *flags)  # fmt: skip
@@ -272,3 +274,34 @@ def test_full_width_chain_trains_tests_exports_and_edits(tmp_path):
         assert len(quantized) >= 7 * fw.FULL_DEPTHS.llm_layers  # q, k, v, o, gate, up, down of every LLM layer
         result = pipeline(Image.open(photo), "remove the red square", num_inference_steps=2, seed=0)
         assert result.images[0].size == (512, 512)
+
+
+OTHER_MEMBERS = ("instruct_pix2pix", "mgie", "smartedit", "insightedit_no_iaa", "insightedit_no_bim")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("member", OTHER_MEMBERS)
+def test_full_width_member_trains_exports_and_edits(member, tmp_path):
+    """A member's full yaml as written + the overlay: fit 2 steps (default stage, from the folders), export, edit."""
+    from PIL import Image
+
+    fw.write_full_width_folders(REPOSITORY / fw.DEFAULT_OUT)  # reused when already written
+    run = tmp_path / "run"
+    out = _cli("fit", "--config", f"lightning_configs/{member}.yaml", "--config", str(OVERLAY),
+               f"--trainer.default_root_dir={run}")  # fmt: skip
+    losses = [float(v) for v in re.findall(r"train/loss ([-+0-9.eE]+|nan|inf)", out)]
+    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), out[-2000:]
+    assert "generation.pretrained: loaded" in out and f"{fw.PIX2PIX_DIR}" in out  # the folder, not the hub id
+    assert ("comprehension.pretrained: loaded" in out) == (member != "instruct_pix2pix")
+    model = tmp_path / "model"
+    _cli("export", f"--ckpt_path={run}/last.ckpt", f"--out={model}")
+    for checkpoint in run.glob("*.ckpt"):
+        checkpoint.unlink()  # GBs of trained weights and AdamW states each
+    photo = tmp_path / "photo.png"
+    pixels = torch.zeros(512, 512, 3, dtype=torch.uint8)
+    pixels[..., 2], pixels[150:350, 150:350, 0] = 200, 220
+    Image.fromarray(pixels.numpy()).save(photo)
+    edited = tmp_path / "edited.png"
+    _cli("edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
+         f"--out={edited}", "--steps=2", "--memory", "full")  # fmt: skip
+    assert Image.open(edited).size == (512, 512)
