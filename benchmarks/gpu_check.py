@@ -498,7 +498,8 @@ def compute_plans(spec: dict[str, Any]) -> dict[str, Any]:
         system, _, _ = build_on_meta(planned_config([spec["edit"]["config"]]).get("model") or {})
         rows = plan_edit_memory(system, int(spec["edit"]["resolution"]))
         plans["edit"] = [
-            {"dtype": row.dtype, "four_bit": row.four_bit, "memory_mode": row.memory_mode, "peak_gib": gib(row.peak)}
+            {"dtype": row.dtype, "four_bit": row.four_bit, "quantization": row.quantization,
+             "memory_mode": row.memory_mode, "peak_gib": gib(row.peak)}
             for row in rows
         ]
     except Exception as error:  # noqa: BLE001
@@ -513,11 +514,9 @@ def edit_estimate(
     rows = plans.get("edit")
     if not isinstance(rows, list):
         return {"plan_peak_gib": None, "plan_note": (rows or {}).get("error", "no edit plan")}
-    if quantization == "8bit":
-        return {"plan_peak_gib": None, "plan_note": "plan --edit has no 8-bit rows"}
     wanted = "bfloat16" if dtype == torch.float32 else str(dtype).removeprefix("torch.")
     for row in rows:
-        if row["dtype"] == wanted and row["four_bit"] == (quantization == "4bit") and row["memory_mode"] == memory_mode:
+        if row["dtype"] == wanted and row["quantization"] == quantization and row["memory_mode"] == memory_mode:
             note = "plan counts 16-bit weights; this run is float32" if dtype == torch.float32 else None
             return {"plan_peak_gib": row["peak_gib"], **({"plan_note": note} if note else {})}
     return {"plan_peak_gib": None, "plan_note": f"no plan row for {wanted}, {quantization}, {memory_mode}"}
