@@ -52,7 +52,9 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -93,6 +95,7 @@ UNET_FOUNDATION = "instruct_pix2pix/last.ckpt"  # under the foundations root
 DEFAULT_SEEDS = (0, 1)
 DEFAULT_STEPS = 300  # tiny/stage3.yaml's max_steps (see the time budget in the docstring)
 DEFAULT_EVAL_PAIRS = 48
+DEFAULT_JOBS = 2  # the two seeds side by side, one torch thread each (see the time budget)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -526,10 +529,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wandb-project", default="insightedit-zoo")
     parser.add_argument("--wandb-dir", type=Path, default=Path("checkpoints/zoo"), help="offline W&B runs go here")
     parser.add_argument("--no-wandb", action="store_true", help="log nothing to W&B")
+    parser.add_argument(
+        "--jobs", type=int, default=DEFAULT_JOBS,
+        help="seeds run at once, each in its own process with cores // jobs torch threads (1: one after another)",
+    )  # fmt: skip
+    parser.add_argument("--wandb-group", default=None, help=argparse.SUPPRESS)  # set by the parent for its workers
+    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: each seed once, got {args.seeds}")
-    for option in ("steps", "eval_pairs"):
+    for option in ("steps", "eval_pairs", "jobs"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be ≥ 1")
     return args
@@ -545,6 +555,128 @@ def seed_data_args(shared: dict[str, Any], seed: int, batch_size: int | None) ->
     return data_args
 
 
+def test_settings(shared: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], TestSettings]:
+    """The shared evaluation settings with the command line's overrides."""
+    evaluation = dict(shared["model"]["init_args"].get("evaluation") or {})
+    for option, key in (
+        ("inference_steps", "num_inference_steps"),
+        ("text_guidance", "text_guidance"),
+        ("image_guidance", "image_guidance"),
+    ):
+        if getattr(args, option) is not None:
+            evaluation[key] = getattr(args, option)
+    evaluation["save_edits"] = False
+    return evaluation, TestSettings(**evaluation)
+
+
+def run_seed(args: argparse.Namespace, seed: int, members: list[str], root: Path, group: str) -> dict[str, Any]:
+    """Train and score every member on data seed ``seed``; the seed's record (``edits``: templated, for the picture)."""
+    t_seed = time.perf_counter()
+    shared = read_config(SHARED)
+    evaluation, test = test_settings(shared, args)
+    data_args = seed_data_args(shared, seed, args.batch_size)
+    data = AdvancedEditDataModule(**data_args)
+    data.prepare_data()  # the synthetic world of this seed, generated under data/ on first use
+    data.setup("fit")
+    batches = {p: held_out(data, args.eval_pairs, 16, reasoning) for p, reasoning in PHRASINGS.items()}
+    runs = {phrasing: EditTestRun(test) for phrasing in PHRASINGS}
+    lpips = runs["templated"].scorers.lpips
+    record: dict[str, Any] = {
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+        "data": data_args,
+        "data_seconds": round(time.perf_counter() - t_seed, 1),
+        "eval_pairs": sum(len(b["task_type"]) for b in batches["templated"]),
+        "protocol": runs["templated"].protocol.describe(),
+        "lpips_label": lpips.label if lpips else "not computed",
+        "starting_points": {},
+        "runs": {},
+        "scores": {},
+    }
+    edits: dict[str, list[torch.Tensor]] = {}
+
+    def evaluate(row: str, system: EditorSystem | None) -> dict[str, Any]:
+        t = time.perf_counter()
+        edited = {p: edit_all(system, phrased, test) for p, phrased in batches.items()}
+        editing = time.perf_counter() - t
+        record["scores"][row] = score(runs, row, batches, edited)
+        scoring = time.perf_counter() - t - editing
+        record["runs"].setdefault(row, {}).update(edit_seconds=round(editing, 1), score_seconds=round(scoring, 1))
+        if system is not None:
+            edits[row] = edited["templated"]
+        all_ = record["scores"][row]["templated"]["all"]
+        print(
+            f"[seed {seed}] [{row}] edited in {editing:.0f}s, scored in {scoring:.0f}s: templated in-mask "
+            f"{cell(all_['psnr_in_mask'])} dB, outside {cell(all_['psnr'])} dB",
+            flush=True,
+        )
+        return record["scores"][row]  # type: ignore[no-any-return]
+
+    evaluate(IDENTITY, None)
+    for member in members:
+        row = ROWS.get(member, member)
+        settings = member_settings(member, root, evaluation)
+        record["starting_points"][row] = starting_points(settings)
+        system = build_system(settings, seed)
+        run_config = {"member": member, "row": row, "steps": args.steps, "seed": seed, "model": settings}
+        logger = wandb_logger(args, group, f"{row} seed {seed}", {**run_config, "data": data_args})
+        print(f"[seed {seed}] [{row}] training {args.steps} steps from the foundations", flush=True)
+        record["runs"][row] = {"member": member, "config": str(member_config(member))}
+        stats, _ = fit(system, data, args.steps, seed, f"{row} seed {seed}", logger, args.max_minutes)
+        record["runs"][row].update(stats)
+        log_test(logger, row, seed, evaluate(row, system))
+        del system
+    record["seconds"] = round(time.perf_counter() - t_seed, 1)
+    record["held_out"] = batches["templated"]
+    record["edits"] = edits
+    return record
+
+
+def worker_argv(
+    args: argparse.Namespace, seed: int, members: list[str], root: Path, group: str, threads: int, out: Path
+) -> list[str]:
+    """The command line of a worker that runs one seed of this comparison (in its own process)."""
+    argv = [
+        "--worker-seed", str(seed), "--worker-out", str(out), "--foundations", str(root), "--no-build",
+        "--steps", str(args.steps), "--eval-pairs", str(args.eval_pairs), "--members", *members,
+        "--threads", str(threads), "--wandb-project", args.wandb_project, "--wandb-dir", str(args.wandb_dir),
+        "--wandb-group", group,
+    ]  # fmt: skip
+    for option in ("batch_size", "max_minutes", "inference_steps", "text_guidance", "image_guidance"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return argv + (["--no-wandb"] if args.no_wandb else [])
+
+
+def run_workers(args: argparse.Namespace, members: list[str], root: Path, group: str) -> dict[int, dict[str, Any]]:
+    """Every seed in its own process, ``--jobs`` at a time, each with ``cores // jobs`` torch threads."""
+    jobs = min(args.jobs, len(args.seeds))
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // jobs)
+    records: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="zoo-seeds-") as work:
+        pending, running = list(args.seeds), []
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    seed = pending.pop(0)
+                    argv = worker_argv(args, seed, members, root, group, threads, Path(work))
+                    print(f"[seed {seed}] worker: python benchmarks/zoo.py {' '.join(argv)}", flush=True)
+                    running.append((seed, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv])))
+                for seed, process in list(running):
+                    if process.poll() is None:
+                        continue
+                    running.remove((seed, process))
+                    if process.returncode != 0:
+                        raise UserError(f"benchmarks/zoo.py: the worker of seed {seed} exited {process.returncode}")
+                    records[seed] = torch.load(Path(work) / f"seed{seed}.pt", weights_only=False)
+                time.sleep(1)
+        finally:
+            for _, process in running:  # a failed seed, or an interrupt, ends the others
+                process.terminate()
+                process.wait()
+    return records
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Ensure the foundations, train and score every member per seed, summarize, write the results."""
     args = parse_args(argv)
@@ -555,6 +687,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = args.foundations or default_root()
     os.environ[FOUNDATIONS_ENV] = str(root)  # the tiny yamls' ${oc.env:INSIGHTEDIT_FOUNDATIONS,...}
     members, notes = available_members(args.members)
+    group = args.wandb_group or f"zoo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    if args.worker_seed is not None:  # one seed of a parallel run: its record for the parent
+        record = run_seed(args, args.worker_seed, members, root, group)
+        torch.save(record, args.worker_out / f"seed{args.worker_seed}.pt")
+        return record
     for member, note in notes.items():
         print(f"{member}: {note}", flush=True)
     phases: dict[str, float] = {}
@@ -563,97 +700,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     foundations = ensure_foundations(root, build=not args.no_build)
     phases["foundations"] = round(time.perf_counter() - t, 1)
-    for name, record in foundations.items():
-        print(f"  {name}: held-out {record['metric']}, built in {record['build_minutes']} min", flush=True)
+    for name, found in foundations.items():
+        print(f"  {name}: held-out {found['metric']}, built in {found['build_minutes']} min", flush=True)
 
-    shared = read_config(SHARED)
-    evaluation = dict(shared["model"]["init_args"].get("evaluation") or {})
-    for option, key in (
-        ("inference_steps", "num_inference_steps"),
-        ("text_guidance", "text_guidance"),
-        ("image_guidance", "image_guidance"),
-    ):
-        if getattr(args, option) is not None:
-            evaluation[key] = getattr(args, option)
-    evaluation["save_edits"] = False
-    test = TestSettings(**evaluation)
-    group = f"zoo-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    batch_size = seed_data_args(shared, 0, args.batch_size)["batch_size"]
+    _, test = test_settings(read_config(SHARED), args)
     results: dict[str, Any] = {
         **provenance(),
         "machine": machine(),
         "foundations_root": str(root),
         "foundations": foundations,
         "seeds": args.seeds,
+        "jobs": min(args.jobs, len(args.seeds)),
         "steps": args.steps,
-        "batch_size": batch_size,
+        "batch_size": seed_data_args(read_config(SHARED), 0, args.batch_size)["batch_size"],
         "eval_pairs_asked": args.eval_pairs,
         "evaluation": dataclasses.asdict(test),
         "members": members,
-        "starting_points": {},
         "notes": notes,
         "wandb": {"project": args.wandb_project, "group": group, "dir": str(args.wandb_dir)},
         "phases_seconds": phases,
         "per_seed": {},
     }
-    lpips_label = "not computed"
-    first_edits: dict[str, list[torch.Tensor]] = {}
-    first_batches: list[dict[str, Any]] = []
+    t = time.perf_counter()
+    if args.jobs > 1 and len(args.seeds) > 1:
+        records = run_workers(args, members, root, group)
+    else:
+        records = {seed: run_seed(args, seed, members, root, group) for seed in args.seeds}
+    phases["seeds"] = round(time.perf_counter() - t, 1)
+    first = records[args.seeds[0]]
     for seed in args.seeds:
-        t_seed = time.perf_counter()
-        data_args = seed_data_args(shared, seed, args.batch_size)
-        data = AdvancedEditDataModule(**data_args)
-        data.prepare_data()  # the synthetic world of this seed, generated under data/ on first use
-        data.setup("fit")
-        phases[f"seed {seed}: data"] = round(time.perf_counter() - t_seed, 1)
-        batches = {p: held_out(data, args.eval_pairs, 16, reasoning) for p, reasoning in PHRASINGS.items()}
-        runs = {phrasing: EditTestRun(test) for phrasing in PHRASINGS}
-        if runs["templated"].scorers.lpips:
-            lpips_label = runs["templated"].scorers.lpips.label
-        results["protocol"] = runs["templated"].protocol.describe()
-        per_seed: dict[str, Any] = {
-            "data": data_args,
-            "eval_pairs": sum(len(b["task_type"]) for b in batches["templated"]),
-            "runs": {},
-            "scores": {},
-        }
-        results["per_seed"][str(seed)] = per_seed
-        edits: dict[str, dict[str, list[torch.Tensor]]] = {}
-
-        def record(row: str, system: EditorSystem | None) -> dict[str, Any]:
-            t = time.perf_counter()
-            edits[row] = {p: edit_all(system, phrased, test) for p, phrased in batches.items()}  # noqa: B023
-            editing = time.perf_counter() - t
-            per_seed["scores"][row] = score(runs, row, batches, edits[row])  # noqa: B023
-            scoring = time.perf_counter() - t - editing
-            run = per_seed["runs"].setdefault(row, {})  # noqa: B023
-            run.update(edit_seconds=round(editing, 1), score_seconds=round(scoring, 1))
-            all_ = per_seed["scores"][row]["templated"]["all"]  # noqa: B023
-            print(
-                f"[seed {seed}] [{row}] edited in {editing:.0f}s, scored in {scoring:.0f}s: templated in-mask "  # noqa: B023
-                f"{cell(all_['psnr_in_mask'])} dB, outside {cell(all_['psnr'])} dB",
-                flush=True,
-            )
-            return per_seed["scores"][row]  # type: ignore[no-any-return]  # noqa: B023
-
-        record(IDENTITY, None)
-        for member in members:
-            row = ROWS.get(member, member)
-            settings = member_settings(member, root, evaluation)
-            results["starting_points"][row] = starting_points(settings)
-            system = build_system(settings, seed)
-            run_config = {"member": member, "row": row, "steps": args.steps, "seed": seed, "model": settings}
-            logger = wandb_logger(args, group, f"{row} seed {seed}", {**run_config, "data": data_args})
-            print(f"[seed {seed}] [{row}] training {args.steps} steps from the foundations", flush=True)
-            per_seed["runs"][row] = {"member": member, "config": str(member_config(member))}
-            stats, _ = fit(system, data, args.steps, seed, row, logger, args.max_minutes)
-            per_seed["runs"][row].update(stats)
-            log_test(logger, row, seed, record(row, system))
-            del system
-        phases[f"seed {seed}"] = round(time.perf_counter() - t_seed, 1)
-        if not first_edits:
-            first_batches = batches["templated"]
-            first_edits = {row: e["templated"] for row, e in edits.items() if row != IDENTITY}
+        record = records[seed]
+        phases[f"seed {seed}"] = record["seconds"]
+        results["per_seed"][str(seed)] = {k: v for k, v in record.items() if k not in ("held_out", "edits")}
+    results["protocol"], results["starting_points"] = first["protocol"], first["starting_points"]
 
     steps = {
         f"{row} seed {seed}": run["steps"]
@@ -670,12 +749,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["target"] = zoo_stats.target_check(summary)
     args.out.mkdir(parents=True, exist_ok=True)
     grid = args.out / "zoo_edits.png"
-    if first_edits:
-        picture(first_batches, first_edits, grid, 2, 3)
+    if first["edits"]:
+        picture(first["held_out"], first["edits"], grid, 2, 3)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results["wandb"]["comparison_run"] = log_comparison(args, group, results, grid) if first_edits else None
+    results["wandb"]["comparison_run"] = log_comparison(args, group, results, grid) if first["edits"] else None
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    table = zoo_stats.markdown(summary, args.seeds, lpips_label)
+    table = zoo_stats.markdown(summary, args.seeds, first["lpips_label"])
     (args.out / "zoo_results.md").write_text(header(results, test, notes) + table + "\n")
     (args.out / "zoo_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table)
@@ -691,11 +770,12 @@ def header(results: dict[str, Any], test: TestSettings, notes: dict[str, str]) -
         for name, r in results["foundations"].items()
     )
     phases = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in results["phases_seconds"].items())
+    threads = "/".join(sorted({str(p["torch_threads"]) for p in results["per_seed"].values()}))
     lines = [
         f"# The zoo on equal terms, on the tiny foundations ({results['date']})",
         "",
         f"`{results['command']}` at `{results['commit']}`; {results['machine']['affinity_cores']} cores, "
-        f"{results['machine']['torch_threads']} torch threads "
+        f"{results['jobs']} seed(s) at a time with {threads} torch thread(s) each "
         f"(load {results['machine']['load_average_at_start'][0]:.1f} at start); "
         f"wall time {results['wall_seconds'] / 60:.1f} min (per phase, min: {phases}).",
         "",
