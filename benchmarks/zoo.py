@@ -30,12 +30,23 @@ summary, the orderings, the target), ``zoo_results.md`` (the tables) and ``zoo_e
 ``--seeds[0]``: a row per held-out example, source | each member's edit | target). Every training run
 and a comparison run go to one offline W&B project under a shared group (``--wandb-dir``).
 
-Time budget (the whole comparison ≤ 90 min on 2 cores, foundations included when not yet built):
+Time budget (the issue: the whole comparison ≤ 90 min on 2 cores, foundations included when not yet
+built). The defaults: every member trains tiny/stage3.yaml's 300 steps at batch 16 (the members' own
+recipe, unchanged), 48 held-out pairs per seed, both seeds side by side (``--jobs 2``: two processes of
+one torch thread, which on 2 cores train faster together than one process of two threads: 2 × 1.38 vs
+1.84 steps/s idle, README's main job; a one-thread step does not slow beside one other busy process,
+0.92×, benchmarks/results/shared_cpu.md). The arithmetic, conservative (every member at InsightEdit's step
+rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
 
-* foundations: 35.8 min as built on the shared 2-core machine (their stamps: clip 10.4, mllm 7.8,
-  instruct_pix2pix 17.7 min); 0 when cached;
-* members: STEP_RATE_PLACEHOLDER
-* the two data sets: ~DATA_PLACEHOLDER s each on first use (cached under ``data/``).
+* foundations: 35.8 min cold, as built on the shared 2-core machine (stamps: clip 10.4, mllm 7.8,
+  instruct_pix2pix 17.7 min); 0 when cached (the builder checks the stamps and returns);
+* data: the synthetic world of each seed, ≤ 1 min on first use (57 s for seed 1 at load 4), cached;
+* training, per seed (the seeds in parallel): 6 members × 300 steps / 1.38 steps/s = 21.7 min;
+* evaluation, per seed: 6 members × 2 phrasings × 48 pairs = 576 edits (20 DDIM steps, batches of 16)
+  × 0.7 s (measured at load 4 on one thread: 16 edits in 11-12 s) = 6.7 min, plus ~1 min scoring;
+* total ≈ 35.8 + 1 + 21.7 + 7.7 ≈ 66 min cold, ≈ 31 min with the foundations cached: inside the 90
+  min with ~24 min to spare for a busier machine. Smoke runs on the shared machine (load 4-10):
+  ``--steps 2 --eval-pairs 8`` took 6.4 min one seed after the other and 7.5 min side by side.
 
     python benchmarks/zoo.py --steps 2 --eval-pairs 8 --no-wandb --out /tmp/zoo-smoke   # a smoke run
     python benchmarks/zoo.py --out benchmarks/results                                   # the comparison
