@@ -201,6 +201,9 @@ def _first_reason(error: Exception) -> str:
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Run a Lightning subcommand with ``argv`` (``["fit", "--config", ...]``); return the exit code."""
+    from insightedit.training.host_memory import return_freed_memory
+
+    return_freed_memory()  # freed gradients and activations leave the resident set (glibc keeps them otherwise)
     # the console script passes sys.argv[1:] on as `args`, which Lightning warns about; that is intended
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # omegaconf+ resolves ${trainer.default_root_dir} from the root of each subcommand's config
