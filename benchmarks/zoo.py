@@ -48,6 +48,9 @@ rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
   min with ~24 min to spare for a busier machine. Smoke runs on the shared machine (load 4-10):
   ``--steps 2 --eval-pairs 8`` took 6.4 min one seed after the other and 7.5 min side by side.
 
+Memory: ~0.9 GiB for the main process and ~1.4 GiB per seed worker (peak RSS of a smoke run), ~3.7 GiB
+in all with two jobs; ``--jobs 1`` keeps it to one model at a time.
+
     python benchmarks/zoo.py --steps 2 --eval-pairs 8 --no-wandb --out /tmp/zoo-smoke   # a smoke run
     python benchmarks/zoo.py --out benchmarks/results                                   # the comparison
 """
@@ -63,6 +66,7 @@ import math
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -765,6 +769,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     results["wandb"]["comparison_run"] = log_comparison(args, group, results, grid) if first["edits"] else None
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    results["peak_rss_mib"] = {  # Linux: ru_maxrss in KiB
+        "main process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "largest child (seed worker or foundation build)": round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        ),
+    }
     table = zoo_stats.markdown(summary, args.seeds, first["lpips_label"])
     (args.out / "zoo_results.md").write_text(header(results, test, notes) + table + "\n")
     (args.out / "zoo_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -788,7 +798,9 @@ def header(results: dict[str, Any], test: TestSettings, notes: dict[str, str]) -
         f"`{results['command']}` at `{results['commit']}`; {results['machine']['affinity_cores']} cores, "
         f"{results['jobs']} seed(s) at a time with {threads} torch thread(s) each "
         f"(load {results['machine']['load_average_at_start'][0]:.1f} at start); "
-        f"wall time {results['wall_seconds'] / 60:.1f} min (per phase, min: {phases}).",
+        f"wall time {results['wall_seconds'] / 60:.1f} min (per phase, min: {phases}); peak RSS (MiB) "
+        + ", ".join(f"{name} {mib}" for name, mib in results["peak_rss_mib"].items())
+        + ".",
         "",
         f"Foundations in `{results['foundations_root']}`: {found}. Every member: stage 3 from them, "
         f"{results['steps']} steps, batch {results['batch_size']}, data seeds {results['seeds']} (the synthetic "

@@ -266,13 +266,12 @@ def markdown(summary: Summary, seeds: list[int], lpips_label: str) -> str:
     lines += ["", "The paper's orderings (holds *beyond the spread*: the means differ by more than the larger "
               "seed-to-seed spread of the two rows):", ""]  # fmt: skip
     for entry in ordering_lines(summary):
-        verdict = {True: "**holds beyond the spread**", False: "does not hold beyond the spread", None: "—"}[
-            entry["holds_beyond_spread"]
-        ]
         paper = f" (paper: {entry['paper']})" if entry["paper"] else ""
-        lines.append(
-            f"- {entry['claim']}, {entry['ordering']} on {entry['phrasing']} {entry['metric']}{paper}: {verdict}. "
-            f"{entry['text']}."
-        )
+        head = f"- {entry['claim']}, {entry['ordering']} on {entry['phrasing']} {entry['metric']}{paper}"
+        if entry["holds_beyond_spread"] is None:
+            lines.append(f"{head}: {entry['text']}.")
+            continue
+        verdict = "**holds beyond the spread**" if entry["holds_beyond_spread"] else "does not hold beyond the spread"
+        lines.append(f"{head}: {verdict}. {entry['text']}.")
     lines += ["", target_text(target_check(summary))]
     return "\n".join(lines)
