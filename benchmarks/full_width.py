@@ -174,10 +174,13 @@ def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 
         folder = runs / "members" / member
         fit = run(["fit", *config_args(member_configs), f"--trainer.default_root_dir={folder}", "--overwrite"],
                   folder.with_suffix(".fit.log"))  # fmt: skip
-        record = {"member": member, **fit_record(fit, member_configs)}
+        loads = [line.strip() for line in fit["out"].splitlines() if ".pretrained: loaded" in line]
+        record = {"member": member, **fit_record(fit, member_configs), "loads": loads}
         exported = run(["export", f"--ckpt_path={folder}/last.ckpt", f"--out={folder}-model", "--overwrite"],
                        folder.with_suffix(".export.log"))  # fmt: skip
         record["export_wall_s"] = exported["wall_s"]
+        for checkpoint in folder.glob("*.ckpt"):
+            checkpoint.unlink()  # GBs of trained weights and AdamW states each; the export is what is edited
         record["edit"] = edit_record(Path(f"{folder}-model"), photo, "full", edit_steps,
                                      folder.with_suffix(".edit-full.log"), None)  # fmt: skip
         others.append(record)

@@ -348,6 +348,7 @@ def with_folders(config: dict[str, Any], folders: dict[str, Path], profile: Prof
     model["init_from"] = None
     model.setdefault("comprehension", {})["pretrained"] = str(folders["llava"])
     model.setdefault("generation", {})["pretrained"] = str(folders["instruct_pix2pix"])
+    model["generation"]["text_encoder"] = None  # the folder's own (the tiny configs name the CLIP foundation's)
     model.setdefault("bridging", {})["clip_pretrained"] = None  # CLIP ViT-L/14 from its config, random
     config.setdefault("trainer", {}).update(profile.cpu_overrides)
     return config

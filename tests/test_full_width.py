@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -220,88 +219,49 @@ def test_section_overrides_are_saved_merged_and_refused_when_misnamed():
 
 # ---------------------------------------------------------------- the chain at real widths (slow)
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-
-
-def _cli(*args: str, timeout: int = 3600) -> str:
-    result = subprocess.run([sys.executable, "-m", "insightedit", *args], cwd=REPOSITORY, env=ENV,
-                            capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    return output
-
-
 @pytest.mark.slow
-def test_full_width_chain_trains_tests_exports_and_edits(tmp_path):
-    """Folders -> fit stages 1, 2, 3 (each from the last) -> test 2 pairs -> export -> 512² edit per memory mode,
-    4-bit and 8-bit (the CLI's --4bit / --8bit) included."""
+def test_full_width_chain_and_every_member_train_export_and_edit(tmp_path):
+    """benchmarks/full_width.py's whole run: fit stages 1, 2, 3 (each from the last) -> test 2 pairs -> export ->
+    a 512² edit per memory mode, 4-bit and 8-bit (the CLI's --4bit / --8bit) included; then every other member's
+    full yaml + the overlay: fit 2 steps (its stage as written, from the folders), export, a 512² edit.
+
+    The measurements go to ``$INSIGHTEDIT_FULL_WIDTH_RESULTS`` (``.json`` / ``.md``) when it is set, so one run
+    both checks the chain and gives benchmarks/results/full_width.*.
+    """
+    import full_width
     from PIL import Image
 
-    fw.write_full_width_folders(REPOSITORY / fw.DEFAULT_OUT)  # reused when already written
-    runs = tmp_path / "runs"
-    for stage in (1, 2, 3):
-        extra = [f"--model.init_args.init_from={runs}/stage{stage - 1}/last.ckpt"] if stage > 1 else []
-        out = _cli("fit", "--config", f"lightning_configs/stage{stage}.yaml", "--config", str(OVERLAY),
-                   f"--trainer.default_root_dir={runs}/stage{stage}", *extra)  # fmt: skip
-        losses = [float(v) for v in re.findall(r"train/loss ([-+0-9.eE]+|nan|inf)", out)]
-        assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), out[-2000:]
-        assert (runs / f"stage{stage}" / "last.ckpt").is_file()
-        if stage > 1:
-            assert "init_from: loaded" in out and f"stage{stage - 1}/last.ckpt" in out
-    out = _cli("test", "--config", "lightning_configs/stage3.yaml", "--config", str(OVERLAY),
-               f"--trainer.default_root_dir={runs}/stage3", f"--ckpt_path={runs}/stage3/last.ckpt")  # fmt: skip
-    report = json.loads((runs / "stage3" / "test_report.json").read_text())
-    assert "2 PNGs" in out and report
-    model = tmp_path / "model"
-    _cli("export", f"--ckpt_path={runs}/stage3/last.ckpt", f"--out={model}")
-    photo = tmp_path / "photo.png"
-    pixels = torch.zeros(512, 512, 3, dtype=torch.uint8)
-    pixels[..., 2], pixels[150:350, 150:350, 0] = 200, 220
-    Image.fromarray(pixels.numpy()).save(photo)
-    for mode in ("full", "low", "sequential", "4bit", "8bit"):
-        flags = [f"--{mode}"] if mode.endswith("bit") else ["--memory", mode]
-        edited = tmp_path / f"edit-{mode}.png"
-        _cli("edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
-             f"--out={edited}", "--steps=2", *flags)  # fmt: skip
-        assert Image.open(edited).size == (512, 512)
+    report = full_width.measure(tmp_path / "runs", list(full_width.MODES), list(full_width.OTHER_MEMBERS))
+    keep = os.environ.get("INSIGHTEDIT_FULL_WIDTH_RESULTS")
+    if keep:
+        Path(keep).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        Path(keep).with_suffix(".md").write_text(full_width.markdown(report))
+    for stage in report["stages"]:
+        assert len(stage["losses"]) >= 2 and all(math.isfinite(v) for v in stage["losses"]), stage
+        assert stage["checkpoint"] and stage["init_from_loaded"], stage
+    assert "2 PNGs" in report["test_out_tail"] and report["test_report"]
+    assert [edit["mode"] for edit in report["edits"]] == ["full", "low", "sequential", "4bit", "8bit"]
+    assert all(edit["size"] == [512, 512] for edit in report["edits"]), report["edits"]
+    assert [member["member"] for member in report["members"]] == list(OTHER_MEMBERS)
+    for member in report["members"]:
+        assert len(member["losses"]) >= 2 and all(math.isfinite(v) for v in member["losses"]), member
+        loads = " ".join(member["loads"])
+        assert "generation.pretrained: loaded" in loads and fw.PIX2PIX_DIR in loads, member  # the folder, no hub id
+        assert ("comprehension.pretrained: loaded" in loads) == (member["member"] != "instruct_pix2pix"), member
+        assert member["edit"]["size"] == [512, 512], member
     import bitsandbytes as bnb
 
     from insightedit.pipeline import EditPipeline
 
+    photo = Image.open(report["photo"])
     for quantization, layer in (("4bit", bnb.nn.Linear4bit), ("8bit", bnb.nn.Linear8bitLt)):  # the API takes both
-        pipeline = EditPipeline.from_pretrained(model, device="cpu", quantization=quantization, memory_mode="low")
+        pipeline = EditPipeline.from_pretrained(report["model"], device="cpu", quantization=quantization,
+                                                memory_mode="low")  # fmt: skip
         quantized = [m for m in pipeline.editor.mllm.modules() if isinstance(m, layer)]
         assert len(quantized) >= 7 * fw.FULL_DEPTHS.llm_layers  # q, k, v, o, gate, up, down of every LLM layer
-        result = pipeline(Image.open(photo), "remove the red square", num_inference_steps=2, seed=0)
+        result = pipeline(photo, "remove the red square", num_inference_steps=2, seed=0)
         assert result.images[0].size == (512, 512)
+        del pipeline
 
 
 OTHER_MEMBERS = ("instruct_pix2pix", "mgie", "smartedit", "insightedit_no_iaa", "insightedit_no_bim")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("member", OTHER_MEMBERS)
-def test_full_width_member_trains_exports_and_edits(member, tmp_path):
-    """A member's full yaml as written + the overlay: fit 2 steps (default stage, from the folders), export, edit."""
-    from PIL import Image
-
-    fw.write_full_width_folders(REPOSITORY / fw.DEFAULT_OUT)  # reused when already written
-    run = tmp_path / "run"
-    out = _cli("fit", "--config", f"lightning_configs/{member}.yaml", "--config", str(OVERLAY),
-               f"--trainer.default_root_dir={run}")  # fmt: skip
-    losses = [float(v) for v in re.findall(r"train/loss ([-+0-9.eE]+|nan|inf)", out)]
-    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), out[-2000:]
-    assert "generation.pretrained: loaded" in out and f"{fw.PIX2PIX_DIR}" in out  # the folder, not the hub id
-    assert ("comprehension.pretrained: loaded" in out) == (member != "instruct_pix2pix")
-    model = tmp_path / "model"
-    _cli("export", f"--ckpt_path={run}/last.ckpt", f"--out={model}")
-    for checkpoint in run.glob("*.ckpt"):
-        checkpoint.unlink()  # GBs of trained weights and AdamW states each
-    photo = tmp_path / "photo.png"
-    pixels = torch.zeros(512, 512, 3, dtype=torch.uint8)
-    pixels[..., 2], pixels[150:350, 150:350, 0] = 200, 220
-    Image.fromarray(pixels.numpy()).save(photo)
-    edited = tmp_path / "edited.png"
-    _cli("edit", f"--model={model}", f"--image={photo}", "--instruction=remove the red square",
-         f"--out={edited}", "--steps=2", "--memory", "full")  # fmt: skip
-    assert Image.open(edited).size == (512, 512)

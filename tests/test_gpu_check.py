@@ -84,7 +84,9 @@ def test_tiny_rehearsal_measures_every_part(tmp_path):
     assert modes == ["full", "low", "sequential"]
     for name in ("edit_full", "edit_low", "edit_sequential", "edit_4bit", "edit_8bit"):  # plan --edit has these rows
         assert finite_positive(parts[name]["plan_peak_gib"]), name
-    assert parts["edit_4bit"]["plan_peak_gib"] < parts["edit_8bit"]["plan_peak_gib"]
+    # NF4 weighs less than LLM.int8 (strictly so at full size: test_pipeline_memory); the tiny LLM's few MB
+    # vanish in plan's rounding to 0.001 GiB
+    assert parts["edit_4bit"]["plan_peak_gib"] <= parts["edit_8bit"]["plan_peak_gib"]
 
 
 @pytest.mark.slow  # two gloo processes of the tiny stage 3: 5-9 min on 2 shared cores
