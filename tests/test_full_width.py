@@ -102,11 +102,15 @@ def test_iaa_clip_file_loads_through_bridging_clip_pretrained(small_folders):
         build_clip_image_encoder(config, pretrained="openai")
 
 
-def test_folders_are_written_once_and_rewritten_when_the_stamp_changes(small_folders, monkeypatch):
-    out = small_folders[fw.LLAVA_DIR].parent
-    before = {name: (path / fw.STAMP).stat().st_mtime_ns for name, path in small_folders.items()}
+def test_folders_are_written_once_and_rewritten_when_the_stamp_changes(small_folders, monkeypatch, tmp_path):
+    import shutil
+
+    out = tmp_path / "folders"  # a copy: the stand-in writers below would empty the module's shared folders
+    shutil.copytree(small_folders[fw.LLAVA_DIR].parent, out)
+    copies = {name: out / path.name for name, path in small_folders.items()}
+    before = {name: (path / fw.STAMP).stat().st_mtime_ns for name, path in copies.items()}
     fw.write_full_width_folders(out, small=True)  # stamped: nothing rewritten
-    assert {name: (path / fw.STAMP).stat().st_mtime_ns for name, path in small_folders.items()} == before
+    assert {name: (path / fw.STAMP).stat().st_mtime_ns for name, path in copies.items()} == before
     calls = []
 
     def stand_in(path, depths, small):
@@ -218,6 +222,7 @@ def test_section_overrides_are_saved_merged_and_refused_when_misnamed():
 
 
 # ---------------------------------------------------------------- the chain at real widths (slow)
+
 
 @pytest.mark.slow
 def test_full_width_chain_and_every_member_train_export_and_edit(tmp_path):
