@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -149,6 +150,9 @@ def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 
         stages.append({"stage": stage, **fit_record(fit, configs), "init_from_loaded": loaded,
                        "checkpoint": (runs / f"stage{stage}" / "last.ckpt").is_file()})  # fmt: skip
         print(stages[-1], flush=True)
+        if stage > 1:
+            for checkpoint in (runs / f"stage{stage - 1}").glob("*.ckpt"):
+                checkpoint.unlink()  # GBs each; the next stage has read it
     configs = ["lightning_configs/stage3.yaml", OVERLAY]
     test = run(["test", *config_args(configs), f"--trainer.default_root_dir={runs}/stage3",
                 f"--ckpt_path={runs}/stage3/last.ckpt"], runs / "test.log")  # fmt: skip
@@ -183,6 +187,7 @@ def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 
             checkpoint.unlink()  # GBs of trained weights and AdamW states each; the export is what is edited
         record["edit"] = edit_record(Path(f"{folder}-model"), photo, "full", edit_steps,
                                      folder.with_suffix(".edit-full.log"), None)  # fmt: skip
+        shutil.rmtree(f"{folder}-model")  # GBs; edited once
         others.append(record)
         print(others[-1], flush=True)
     return {**provenance(), "load_average_before": [round(v, 2) for v in load_before],
