@@ -19,8 +19,10 @@ nothing; then, in ``configure_model`` (:func:`load_into_shards`):
 
 Host memory at start, by design: rank 0 holds the loaded model once, every other rank its shards plus one
 group in flight, whatever the number of ranks. Measured (``benchmarks/sharded_loading.py``, 2 ranks): the
-other ranks start lower than before, but rank 0 peaks about 0.4 GiB higher than on the old path, which
-this design does not yet explain.
+other ranks start lower than before, and rank 0 peaks about 0.4 GiB higher than on the old path: not
+anonymous memory but the pages of the memory-mapped weight files it reads in full to broadcast them (each
+rank read only its half when sharding a loaded model itself); a file's pages stay mapped until its last
+tensor is freed (docs/training.md).
 """
 
 from __future__ import annotations
