@@ -198,3 +198,29 @@ def test_fit_trains_projector_then_llm_never_the_vision_tower_and_exports(tmp_pa
         reloaded = LlavaForConditionalGeneration.from_pretrained(str(export)).eval()(**inputs).logits
     assert torch.equal(reloaded, expected)
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_options_read_the_last_vision_layer_and_train_the_tower_in_instruct(tmp_path):
+    _clip_export(tmp_path / "clip")
+    system = MllmFoundation(vision_tower=str(tmp_path / "clip"), align_steps=1, warmup_steps=1, max_new_tokens=2,
+                            vision_feature_layer=-1, train_vision_tower=True)  # fmt: skip
+    llava = system.llava
+    assert llava.config.vision_feature_layer == -1
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the projector reads the tower's last hidden state (CLS dropped), not layer -2
+        last = llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        features = llava.model.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(torch.cat(list(features)), llava.model.multi_modal_projector(last).flatten(0, 1))
+    start = {k: v.clone() for k, v in llava.state_dict().items()}
+    snapshots = _Snapshots()
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      default_root_dir=str(tmp_path / "run"), callbacks=[snapshots])  # fmt: skip
+    trainer.fit(system, datamodule=SceneQuestionDataModule(batch_size=4, num_val=8, val_batch_size=8))
+    aligned, instructed = snapshots.states
+    assert not _changed(start, aligned, "model.vision_tower")  # align: still the projector only
+    assert _changed(aligned, instructed, "model.vision_tower")  # instruct: the tower trains too
+    config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    assert config["vision_feature_layer"] == -1  # the twin's comprehension model reads the same layer
+    with pytest.raises(UserError, match="vision_feature_layer: -4 is not a hidden state"):
+        MllmFoundation(vision_feature_layer=-4)

@@ -44,6 +44,9 @@ class MllmFoundation(L.LightningModule):
         warmup_steps: linear warm-up at the start of each phase, then cosine decay to the phase's end.
         max_new_tokens: longest generated answer in validation.
         export: write ``<default_root_dir>/export/`` at the end of fit.
+        vision_feature_layer: the vision tower's hidden state the projector reads (default the preset's -2).
+        train_vision_tower: train the vision tower in phase ``instruct`` too (LLaVA-1.5 freezes it).
+        vision_learning_rate: its learning rate (default ``llm_learning_rate``).
     """
 
     def __init__(
@@ -56,10 +59,13 @@ class MllmFoundation(L.LightningModule):
         warmup_steps: int = 20,
         max_new_tokens: int = 16,
         export: bool = True,
+        vision_feature_layer: int | None = None,
+        train_vision_tower: bool = False,
+        vision_learning_rate: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.llava, self.tokenizer = build_foundation_llava(vision_tower)
+        self.llava, self.tokenizer = build_foundation_llava(vision_tower, vision_feature_layer)
         self.encoder = ConversationEncoder(self.tokenizer, self.llava)
         self._phase = ""
         self.set_phase("align" if align_steps > 0 else "instruct")
@@ -75,7 +81,7 @@ class MllmFoundation(L.LightningModule):
     def set_phase(self, phase: str) -> None:
         """Make ``phase``'s parameters (and only those) trainable."""
         if phase != self._phase:
-            set_phase(self.llava, phase)
+            set_phase(self.llava, phase, bool(self.hparams["train_vision_tower"]))
             self._phase = phase
 
     def trainable_names(self) -> list[str]:
@@ -172,6 +178,9 @@ class MllmFoundation(L.LightningModule):
              "name": "projector"},
             {"params": llm, "lr": hp["llm_learning_rate"], "name": "language_model"},
         ]  # fmt: skip
+        if hp["train_vision_tower"]:  # scheduled as the language model: it trains from align_steps
+            groups.append({"params": list(llava.model.vision_tower.parameters()), "name": "vision_tower",
+                           "lr": hp["vision_learning_rate"] or hp["llm_learning_rate"]})  # fmt: skip
         optimizer = torch.optim.AdamW(groups, weight_decay=hp["weight_decay"])
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
         align = int(hp["align_steps"])
@@ -189,5 +198,6 @@ class MllmFoundation(L.LightningModule):
 
             return factor
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(0, total), schedule(align, total)])
+        factors = [schedule(0, total), schedule(align, total)] + [schedule(align, total)] * (len(groups) - 2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

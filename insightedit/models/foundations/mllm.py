@@ -42,14 +42,23 @@ VISION_FIELDS: tuple[str, ...] = (
 
 def build_foundation_llava(
     vision_tower: str | Path | None = None,
+    vision_feature_layer: int | None = None,
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase]:
     """The twin's tiny LLaVA (seeded) and tokenizer, its vision tower read from a CLIP export when named.
 
     ``vision_tower``: a CLIP foundation export (``CLIPVisionModel.from_pretrained`` reads it); ``None``
-    keeps the seeded random tower.
+    keeps the seeded random tower. ``vision_feature_layer``: the tower's hidden state the projector reads
+    (default the preset's, LLaVA-1.5's -2; it is saved in the export's config, which the twin reads).
     """
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llava_dir()))
     llava = build_tiny_llava(tokenizer)
+    if vision_feature_layer is not None:
+        layers = int(llava.config.vision_config.num_hidden_layers)
+        if not -layers - 1 <= vision_feature_layer <= layers:
+            raise UserError(
+                f"vision_feature_layer: {vision_feature_layer} is not a hidden state of the {layers}-layer vision tower"
+            )
+        llava.config.vision_feature_layer = vision_feature_layer
     if vision_tower is not None:
         load_vision_tower(llava, vision_tower)
     return llava, tokenizer
@@ -74,19 +83,26 @@ def load_vision_tower(llava: LlavaForConditionalGeneration, export: str | Path) 
     llava.model.vision_tower.load_state_dict(clip.state_dict(), strict=True)
 
 
-def phase_modules(llava: LlavaForConditionalGeneration, phase: str) -> dict[str, nn.Module]:
-    """The modules that train in ``phase``: ``projector`` in both, ``language_model`` and ``lm_head`` in instruct."""
+def phase_modules(
+    llava: LlavaForConditionalGeneration, phase: str, train_vision_tower: bool = False
+) -> dict[str, nn.Module]:
+    """The modules that train in ``phase``: ``projector`` in both, ``language_model`` and ``lm_head`` in instruct.
+
+    ``train_vision_tower`` adds ``vision_tower`` in instruct (as LLaVA-NeXT; LLaVA-1.5 keeps it frozen).
+    """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     modules: dict[str, nn.Module] = {"projector": llava.model.multi_modal_projector}
     if phase == "instruct":
         modules |= {"language_model": llava.model.language_model, "lm_head": llava.lm_head}
+        if train_vision_tower:
+            modules["vision_tower"] = llava.model.vision_tower
     return modules
 
 
-def set_phase(llava: LlavaForConditionalGeneration, phase: str) -> None:
-    """Freeze everything, then unfreeze what trains in ``phase`` (the vision tower never trains)."""
-    trains = phase_modules(llava, phase)
+def set_phase(llava: LlavaForConditionalGeneration, phase: str, train_vision_tower: bool = False) -> None:
+    """Freeze everything, then unfreeze what trains in ``phase`` (the vision tower only if ``train_vision_tower``)."""
+    trains = phase_modules(llava, phase, train_vision_tower)
     llava.requires_grad_(False)
     for module in trains.values():
         module.requires_grad_(True)
