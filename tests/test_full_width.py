@@ -225,6 +225,7 @@ def test_section_overrides_are_saved_merged_and_refused_when_misnamed():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # ~35-60 min on 2 cores (the project's 600 s limit is for ordinary tests)
 def test_full_width_chain_and_every_member_train_export_and_edit(tmp_path):
     """benchmarks/full_width.py's whole run: fit stages 1, 2, 3 (each from the last) -> test 2 pairs -> export ->
     a 512² edit per memory mode, 4-bit and 8-bit (the CLI's --4bit / --8bit) included; then every other member's
