@@ -72,20 +72,24 @@ class InsightEditCLI(LightningCLI):
         taken (checkpoints written before the system left them out of its hyperparameters hold them, and
         ``insightedit test --ckpt_path X --model.init_args.evaluation.<k>=<v>`` must take effect); a
         checkpoint that names no class (saved by a system built in Python, not by this CLI) is read as
-        one of the config's model class.
+        one of the config's model class. Its ``init_from`` is dropped: the checkpoint holds every weight the
+        previous stage gave (the system saves what it trains and what it carried), so the previous stage's
+        file is not read again, and testing, predicting or resuming still works once it is moved or deleted.
         """
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():
             return
         try:
-            checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)  # only its hparams
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # refused or unreadable
             raise checkpoint_error(path, error, "ckpt_path") from None
         skipped = ("_instantiator", *self.RUN_SETTINGS)
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in skipped}
         if not hparams:
             return
+        if hparams.get("init_from"):
+            hparams["init_from"] = None
         class_path = hparams.pop("_class_path", None) or self.config.get(f"{subcommand}.model.class_path")
         model = {"class_path": class_path, "dict_kwargs": hparams}
         try:

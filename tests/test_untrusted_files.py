@@ -160,3 +160,21 @@ def test_a_genuine_distributed_checkpoint_index_passes(tmp_path):
     dcp.save({"state_dict": state, "optimizer_0": {"state": {"w": {"step": torch.tensor(1.0)}}}}, checkpoint_id=folder)
     torch.save({"global_step": 1, "hyper_parameters": {"stage": 3}}, folder / "meta.pt")
     check_distributed_checkpoint(folder)  # no exception: DCP's own index classes are allowed
+
+
+def test_ckpt_path_does_not_read_its_previous_stage_again(tmp_path, monkeypatch):
+    """A stage's checkpoint names its ``init_from``; testing or resuming it must not need that file.
+
+    The checkpoint holds what the previous stage gave (the system saves what it trains and carries), so
+    ``insightedit test --ckpt_path stage3/last.ckpt`` worked only while ``stage2/last.ckpt`` still existed.
+    """
+    from insightedit.lightning_cli import InsightEditCLI
+
+    checkpoint = tmp_path / "stage3.ckpt"
+    gone = tmp_path / "stage2" / "last.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"member": "insightedit", "preset": "tiny", "stage": 3,
+                                                       "init_from": str(gone)}}, checkpoint)  # fmt: skip
+    built = []
+    monkeypatch.setattr(InsightEditCLI, "_run_subcommand", lambda self, subcommand: built.append(self.model))
+    assert main(["validate", "--config", str(TINY3), "--ckpt_path", str(checkpoint)]) == 0
+    assert built and built[0]._init_from is None and built[0].hparams["stage"] == 3
