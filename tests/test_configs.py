@@ -49,10 +49,11 @@ def _without_weights(model: dict) -> dict:
     if "init_from" in model:
         model["init_from"] = None
     model.pop("pretrained", None)
-    for section in ("comprehension", "generation", "head"):
-        for key in ("pretrained", "dtype", "text_encoder"):
-            (model.get(section) or {}).pop(key, None)
-    (model.get("bridging") or {}).pop("clip_pretrained", None)
+    for sections in (model, model.get("section_overrides") or {}):  # an overlay's part settings too
+        for section in ("comprehension", "generation", "head"):
+            for key in ("pretrained", "dtype", "text_encoder"):
+                (sections.get(section) or {}).pop(key, None)
+        (sections.get("bridging") or {}).pop("clip_pretrained", None)
     return model
 
 
