@@ -133,6 +133,27 @@ def edit_estimate(plans: list[dict[str, Any]], mode: str) -> float | None:
     return None
 
 
+def measure_member(runs: Path, member: str, photo: Path, edit_steps: int = 2) -> dict[str, Any]:
+    """A member's full yaml + the overlay: fit 2 steps, export, one ``full`` 512x512 edit of ``photo``."""
+    member_configs = [f"lightning_configs/{member}.yaml", OVERLAY]
+    folder = runs / "members" / member
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fit = run(["fit", *config_args(member_configs), f"--trainer.default_root_dir={folder}", "--overwrite"],
+              folder.with_suffix(".fit.log"))  # fmt: skip
+    loads = [line.strip() for line in fit["out"].splitlines() if ".pretrained: loaded" in line]
+    record = {"member": member, **fit_record(fit, member_configs), "loads": loads}
+    exported = run(["export", f"--ckpt_path={folder}/last.ckpt", f"--out={folder}-model", "--overwrite"],
+                   folder.with_suffix(".export.log"))  # fmt: skip
+    record["export_wall_s"] = exported["wall_s"]
+    for checkpoint in folder.glob("*.ckpt"):
+        checkpoint.unlink()  # GBs of trained weights and AdamW states each; the export is what is edited
+    record["edit"] = edit_record(Path(f"{folder}-model"), photo, "full", edit_steps,
+                                 folder.with_suffix(".edit-full.log"), None)  # fmt: skip
+    shutil.rmtree(f"{folder}-model")  # GBs; edited once
+    print(record, flush=True)
+    return record
+
+
 def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 2) -> dict[str, Any]:
     """Run the chain and the members under ``runs``; everything measured, as a report (no file written)."""
     from PIL import Image
@@ -172,30 +193,30 @@ def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 
         estimate = edit_estimate(edit_plans, mode)
         edits.append(edit_record(model, photo, mode, edit_steps, runs / f"edit-{mode}.log", estimate))
         print(edits[-1], flush=True)
-    others: list[dict[str, Any]] = []
-    for member in members:
-        member_configs = [f"lightning_configs/{member}.yaml", OVERLAY]
-        folder = runs / "members" / member
-        fit = run(["fit", *config_args(member_configs), f"--trainer.default_root_dir={folder}", "--overwrite"],
-                  folder.with_suffix(".fit.log"))  # fmt: skip
-        loads = [line.strip() for line in fit["out"].splitlines() if ".pretrained: loaded" in line]
-        record = {"member": member, **fit_record(fit, member_configs), "loads": loads}
-        exported = run(["export", f"--ckpt_path={folder}/last.ckpt", f"--out={folder}-model", "--overwrite"],
-                       folder.with_suffix(".export.log"))  # fmt: skip
-        record["export_wall_s"] = exported["wall_s"]
-        for checkpoint in folder.glob("*.ckpt"):
-            checkpoint.unlink()  # GBs of trained weights and AdamW states each; the export is what is edited
-        record["edit"] = edit_record(Path(f"{folder}-model"), photo, "full", edit_steps,
-                                     folder.with_suffix(".edit-full.log"), None)  # fmt: skip
-        shutil.rmtree(f"{folder}-model")  # GBs; edited once
-        others.append(record)
-        print(others[-1], flush=True)
+    others = [measure_member(runs, member, photo, edit_steps) for member in members]
     return {**provenance(), "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
             "stages": stages, "test_wall_s": test["wall_s"], "test_peak_rss_gib": test["peak_rss_gib"],
             "test_out_tail": test["out"][-600:], "test_report": test_report, "export_wall_s": export["wall_s"],
             "export_peak_rss_gib": export["peak_rss_gib"], "model": str(model), "photo": str(photo),
             "edit_steps": edit_steps, "edits": edits, "members": others}  # fmt: skip
+
+
+def measure_members_only(runs: Path, members: list[str], edit_steps: int = 2) -> dict[str, Any]:
+    """:func:`measure`'s member part alone (``--members-only``), as a report of the same shape."""
+    from PIL import Image
+
+    load_before = os.getloadavg()
+    write_full_width_folders(REPOSITORY / DEFAULT_OUT)
+    runs.mkdir(parents=True, exist_ok=True)
+    photo = runs / "photo.png"
+    image = Image.new("RGB", (512, 512), (120, 160, 200))
+    image.paste((220, 40, 40), (150, 150, 350, 350))
+    image.save(photo)
+    others = [measure_member(runs, member, photo, edit_steps) for member in members]
+    return {**provenance(), "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
+            "stages": [], "edits": [], "members": others, "photo": str(photo), "edit_steps": edit_steps}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,10 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--members", nargs="*", default=list(OTHER_MEMBERS), choices=OTHER_MEMBERS,
                         help="the other members' full yamls to fit, export and edit (none: --members)")  # fmt: skip
+    parser.add_argument("--members-only", action="store_true",
+                        help="only the other members (no stage chain, test or memory modes)")  # fmt: skip
     parser.add_argument("--edit-steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "full_width")
     args = parser.parse_args(argv)
-    report = measure((REPOSITORY / args.runs).resolve(), args.modes, args.members, args.edit_steps)
+    runs = (REPOSITORY / args.runs).resolve()
+    if args.members_only:
+        report = measure_members_only(runs, args.members, args.edit_steps)
+    else:
+        report = measure(runs, args.modes, args.members, args.edit_steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
@@ -231,7 +258,8 @@ def markdown(report: dict[str, Any]) -> str:
         within = "yes" if s["within_25_percent"] else "no"
         lines.append(f"| {s['stage']} | {s['seconds_per_step']} | {s['wall_s']} | {s['peak_rss_gib']} | "
                      f"{s['plan_gib']} | {s['measured_over_plan']} | {within} |")  # fmt: skip
-    lines += ["", f"test (2 pairs): {report['test_wall_s']} s, peak RSS {report['test_peak_rss_gib']} GiB; "
+    if report["stages"]:
+        lines += ["", f"test (2 pairs): {report['test_wall_s']} s, peak RSS {report['test_peak_rss_gib']} GiB; "
               f"export: {report['export_wall_s']} s", "",
               f"| edit 512x512, {report['edit_steps']} steps | edit s | wall s | peak RSS GiB | plan accelerator GiB |",
               "|---|---:|---:|---:|---:|"]  # fmt: skip
