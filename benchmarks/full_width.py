@@ -133,6 +133,16 @@ def edit_estimate(plans: list[dict[str, Any]], mode: str) -> float | None:
     return None
 
 
+def write_photo(path: Path) -> Path:
+    """The 512x512 photo every edit reads: a red square on blue (``remove the red square``)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (512, 512), (120, 160, 200))
+    image.paste((220, 40, 40), (150, 150, 350, 350))
+    image.save(path)
+    return path
+
+
 def measure_member(runs: Path, member: str, photo: Path, edit_steps: int = 2) -> dict[str, Any]:
     """A member's full yaml + the overlay: fit 2 steps, export, one ``full`` 512x512 edit of ``photo``."""
     member_configs = [f"lightning_configs/{member}.yaml", OVERLAY]
@@ -156,7 +166,6 @@ def measure_member(runs: Path, member: str, photo: Path, edit_steps: int = 2) ->
 
 def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 2) -> dict[str, Any]:
     """Run the chain and the members under ``runs``; everything measured, as a report (no file written)."""
-    from PIL import Image
 
     load_before = os.getloadavg()
     write_full_width_folders(REPOSITORY / DEFAULT_OUT)
@@ -183,10 +192,7 @@ def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 
     export = run(
         ["export", f"--ckpt_path={runs}/stage3/last.ckpt", f"--out={model}", "--overwrite"], runs / "export.log"
     )
-    photo = runs / "photo.png"
-    image = Image.new("RGB", (512, 512), (120, 160, 200))
-    image.paste((220, 40, 40), (150, 150, 350, 350))
-    image.save(photo)
+    photo = write_photo(runs / "photo.png")
     edit_plans = plan(configs, edit=True)
     edits = []
     for mode in modes:
@@ -204,15 +210,11 @@ def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 
 
 def measure_members_only(runs: Path, members: list[str], edit_steps: int = 2) -> dict[str, Any]:
     """:func:`measure`'s member part alone (``--members-only``), as a report of the same shape."""
-    from PIL import Image
 
     load_before = os.getloadavg()
     write_full_width_folders(REPOSITORY / DEFAULT_OUT)
     runs.mkdir(parents=True, exist_ok=True)
-    photo = runs / "photo.png"
-    image = Image.new("RGB", (512, 512), (120, 160, 200))
-    image.paste((220, 40, 40), (150, 150, 350, 350))
-    image.save(photo)
+    photo = write_photo(runs / "photo.png")
     others = [measure_member(runs, member, photo, edit_steps) for member in members]
     return {**provenance(), "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
