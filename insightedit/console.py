@@ -78,6 +78,11 @@ KNOWN_LOG_RECORDS: tuple[KnownLogRecord, ...] = (
         "Failed to load CPU gemm_4bit_forward from kernels-community",
         "an optional kernel bitsandbytes would download from the hub; never fetched here",
     ),
+    KnownLogRecord(
+        "kernels._internals.hf_hub",
+        "Skipping publisher trust check for 'kernels-community/",
+        "the same optional kernel, looked up offline (kernels >= 0.19 says so before bitsandbytes gives up on it)",
+    ),
 )
 
 

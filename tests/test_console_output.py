@@ -87,6 +87,10 @@ def test_filters_are_narrow():
 
 
 BNB_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+KERNELS_NOTICE = (  # kernels >= 0.19, offline, before bitsandbytes gives up on its optional CPU kernel
+    "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub "
+    "is in offline mode."
+)
 
 
 def test_pipeline_import_installs_the_filters():
@@ -117,10 +121,13 @@ def test_the_command_drops_only_known_log_records(caplog):
     with caplog.at_level(logging.INFO):
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning(BNB_NOTICE + ": %s. Please ...", "No module")
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a real bitsandbytes warning")
+        logging.getLogger("kernels._internals.hf_hub").warning(KERNELS_NOTICE)
+        logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'someone/else'")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging, try ...")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
     assert [record.getMessage() for record in caplog.records] == [
-        "a real bitsandbytes warning", "GPU available: False, used: False",
+        "a real bitsandbytes warning", "Skipping publisher trust check for 'someone/else'",
+        "GPU available: False, used: False",
     ]  # fmt: skip
 
 
