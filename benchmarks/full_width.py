@@ -203,9 +203,16 @@ def measure(runs: Path, modes: list[str], members: list[str], edit_steps: int = 
     return {**provenance(), "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
             "stages": stages, "test_wall_s": test["wall_s"], "test_peak_rss_gib": test["peak_rss_gib"],
-            "test_out_tail": test["out"][-600:], "test_report": test_report, "export_wall_s": export["wall_s"],
+            "test_edits_written": edits_written(test["out"]), "test_out_tail": test["out"][-600:],
+            "test_report": test_report, "export_wall_s": export["wall_s"],
             "export_peak_rss_gib": export["peak_rss_gib"], "model": str(model), "photo": str(photo),
             "edit_steps": edit_steps, "edits": edits, "members": others}  # fmt: skip
+
+
+def edits_written(test_out: str) -> int | None:
+    """The number of edited PNGs ``insightedit test`` says it wrote (``edits:  N PNGs ...``), else ``None``."""
+    found = re.search(r"edits:\s+(\d+) PNGs", test_out)
+    return int(found.group(1)) if found else None
 
 
 def measure_members_only(runs: Path, members: list[str], edit_steps: int = 2) -> dict[str, Any]:

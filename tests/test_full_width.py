@@ -245,7 +245,8 @@ def test_full_width_chain_and_every_member_train_export_and_edit(tmp_path):
     for stage in report["stages"]:
         assert len(stage["losses"]) >= 2 and all(math.isfinite(v) for v in stage["losses"]), stage
         assert stage["checkpoint"] and stage["init_from_loaded"], stage
-    assert "2 PNGs" in report["test_out_tail"] and report["test_report"]
+    assert report["test_edits_written"] == 2, report["test_out_tail"]  # the test printed "edits:  2 PNGs ..."
+    assert report["test_report"]["systems"]["this checkpoint"]["all"]["n"] == 2, report["test_report"]
     assert [edit["mode"] for edit in report["edits"]] == ["full", "low", "sequential", "4bit", "8bit"]
     assert all(edit["size"] == [512, 512] for edit in report["edits"]), report["edits"]
     assert [member["member"] for member in report["members"]] == list(OTHER_MEMBERS)
@@ -271,3 +272,12 @@ def test_full_width_chain_and_every_member_train_export_and_edit(tmp_path):
 
 
 OTHER_MEMBERS = ("instruct_pix2pix", "mgie", "smartedit", "insightedit_no_iaa", "insightedit_no_bim")
+
+
+def test_edits_written_reads_the_test_commands_count_wherever_it_stands():
+    """The chain's ``test`` check reads the count from the whole output (W&B's exit lines come after it)."""
+    import full_width
+
+    out = "edits:  2 PNGs of this checkpoint in runs/stage3/edits (...)\nW&B run: ...\n" + "wandb: sync ...\n" * 40
+    assert full_width.edits_written(out) == 2
+    assert full_width.edits_written("metrics: runs/stage3/test_report.json") is None
