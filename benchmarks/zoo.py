@@ -12,9 +12,12 @@ tiny LLaVA; the InstructPix2Pix UNet), as the full members start from CLIP, LLaV
    built from, its held-out metric, its build minutes). ``--no-build`` uses them as they are;
 2. for each **data seed** (``--seeds``, default 0 and 1; the synthetic world's seed, the split's seed
    and the training seed: other images, other held-out pairs, other batches and noise), every member
-   trains its stage 3 with its yaml's model settings (the InstructPix2Pix row continues the foundation
-   UNet, which its yaml builds), on the same data (``tiny/stage3.yaml``'s: templated and reasoning
-   phrasings), the same steps, batch, seed and draws; then every member, and the identity edit
+   trains in the paper's order: its align stage (stage 1: MLLM LoRA, [MM] rows and bridge or head with
+   ``L_LLM + L_align``, no UNet; ``--align-steps``, 300 by default, at its tiny learning rates) where it
+   has one, then its stage 3 with its yaml's model settings (the InstructPix2Pix row, whose stages all
+   train the UNet, continues the foundation UNet, which its yaml builds), on the same data
+   (``tiny/stage3.yaml``'s: templated and reasoning phrasings), the same steps, batch, seed and draws;
+   then every member, and the identity edit
    (output = source), edits the same held-out pairs (sources never seen in training) with the templated
    phrasing and with the reasoning one, scored by the ``advancededit`` protocol of
    :mod:`insightedit.evaluation` (the yaml's ``evaluation:``: PSNR / SSIM / LPIPS outside the edit mask,
@@ -41,7 +44,8 @@ rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
 * foundations: 35.8 min cold, as built on the shared 2-core machine (stamps: clip 10.4, mllm 7.8,
   instruct_pix2pix 17.7 min); 0 when cached (the builder checks the stamps and returns);
 * data: the synthetic world of each seed, ≤ 1 min on first use (57 s for seed 1 at load 4), cached;
-* training, per seed (the seeds in parallel): 6 members × 300 steps / 1.38 steps/s = 21.7 min;
+* training, per seed (the seeds in parallel): 6 members × 300 steps / 1.38 steps/s = 21.7 min, plus the
+  align stages: 5 members × 300 steps × ~0.15 s = ~4 min;
 * evaluation, per seed: 6 members × 2 phrasings × 48 pairs = 576 edits (20 DDIM steps, batches of 16)
   × 0.7 s (measured at load 4 on one thread: 16 edits in 11-12 s) = 6.7 min, plus ~1 min scoring;
 * total ≈ 35.8 + 1 + 21.7 + 7.7 ≈ 66 min cold, ≈ 31 min with the foundations cached: inside the 90
@@ -67,6 +71,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +114,7 @@ SHARED = CONFIGS / "stage3.yaml"  # data, steps and evaluation settings every me
 UNET_FOUNDATION = "instruct_pix2pix/last.ckpt"  # under the foundations root
 DEFAULT_SEEDS = (0, 1)
 DEFAULT_STEPS = 300  # tiny/stage3.yaml's max_steps (see the time budget in the docstring)
+DEFAULT_ALIGN_STEPS = 300  # stage 1 of the members that align: tiny/stage1.yaml's max_steps (~0.15 s a step)
 DEFAULT_EVAL_PAIRS = 48
 DEFAULT_JOBS = 2  # the two seeds side by side, one torch thread each (see the time budget)
 
@@ -529,6 +535,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps", type=int, default=DEFAULT_STEPS, help="stage-3 training steps of every member, every seed"
     )
     parser.add_argument("--batch-size", type=int, default=None, help="default: tiny/stage3.yaml's (16)")
+    parser.add_argument(
+        "--align-steps", type=int, default=DEFAULT_ALIGN_STEPS,
+        help="steps of each member's align stage (stage 1: no UNet, L_align) before stage 3, as the paper "
+        "orders them; 0: stage 3 alone, from the foundations",
+    )  # fmt: skip
     parser.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS))
     parser.add_argument(
         "--max-minutes", type=float, default=None, help="cap on each training run; a member stopped early is flagged"
@@ -584,6 +595,27 @@ def test_settings(shared: dict[str, Any], args: argparse.Namespace) -> tuple[dic
     return evaluation, TestSettings(**evaluation)
 
 
+def align(
+    settings: dict[str, Any], data: AdvancedEditDataModule, args: argparse.Namespace, seed: int, row: str, to: Path
+) -> tuple[dict[str, Any], Path] | None:
+    """The member's stage 1 when it is an alignment stage (no UNet, ``L_align``), as the paper's order has it.
+
+    Trains ``--align-steps`` steps from the foundations at the member's tiny learning rates (its yaml's
+    ``stage_settings.learning_rates``; the stage's groups and losses are the member's own) and saves the
+    checkpoint stage 3 starts from (``init_from``). ``None`` for a member without one (InstructPix2Pix's
+    stages all train its UNet).
+    """
+    rates = (settings.get("stage_settings") or {}).get("learning_rates") or {}
+    stage1 = {**settings, "stage": 1, "stage_settings": {"learning_rates": rates} if rates else None}
+    system = build_system(stage1, seed)
+    if system.stage.use_unet or not system.stage.weight("align"):
+        return None
+    print(f"[seed {seed}] [{row}] align stage: {args.align_steps} steps from the foundations", flush=True)
+    stats, trainer = fit(system, data, args.align_steps, seed, f"{row} seed {seed} align", None, args.max_minutes)
+    trainer.save_checkpoint(to)
+    return stats, to
+
+
 def run_seed(args: argparse.Namespace, seed: int, members: list[str], root: Path, group: str) -> dict[str, Any]:
     """Train and score every member on data seed ``seed``; the seed's record (``edits``: templated, for the picture)."""
     t_seed = time.perf_counter()
@@ -628,19 +660,29 @@ def run_seed(args: argparse.Namespace, seed: int, members: list[str], root: Path
         return record["scores"][row]  # type: ignore[no-any-return]
 
     evaluate(IDENTITY, None)
+    work = Path(tempfile.mkdtemp(prefix=f"insightedit-zoo-seed{seed}-"))  # the align stages' checkpoints
     for member in members:
         row = ROWS.get(member, member)
         settings = member_settings(member, root, evaluation)
         record["starting_points"][row] = starting_points(settings)
+        record["runs"][row] = {"member": member, "config": str(member_config(member))}
+        if args.align_steps > 0:
+            aligned = align(settings, data, args, seed, row, work / f"{member}-seed{seed}-align.ckpt")
+            if aligned is not None:
+                record["runs"][row]["align"], checkpoint = aligned
+                settings = {**settings, "init_from": str(checkpoint)}
         system = build_system(settings, seed)
         run_config = {"member": member, "row": row, "steps": args.steps, "seed": seed, "model": settings}
         logger = wandb_logger(args, group, f"{row} seed {seed}", {**run_config, "data": data_args})
-        print(f"[seed {seed}] [{row}] training {args.steps} steps from the foundations", flush=True)
-        record["runs"][row] = {"member": member, "config": str(member_config(member))}
+        start = "its align stage" if settings.get("init_from") else "the foundations"
+        print(f"[seed {seed}] [{row}] training {args.steps} steps from {start}", flush=True)
         stats, _ = fit(system, data, args.steps, seed, f"{row} seed {seed}", logger, args.max_minutes)
         record["runs"][row].update(stats)
         log_test(logger, row, seed, evaluate(row, system))
         del system
+        if settings.get("init_from"):
+            Path(settings["init_from"]).unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
     record["seconds"] = round(time.perf_counter() - t_seed, 1)
     record["held_out"] = batches["templated"]
     record["edits"] = edits
@@ -653,7 +695,8 @@ def worker_argv(
     """The command line of a worker that runs one seed of this comparison (in its own process)."""
     argv = [
         "--worker-seed", str(seed), "--worker-out", str(out), "--foundations", str(root), "--no-build",
-        "--steps", str(args.steps), "--eval-pairs", str(args.eval_pairs), "--members", *members,
+        "--steps", str(args.steps), "--align-steps", str(args.align_steps), "--eval-pairs", str(args.eval_pairs),
+        "--members", *members,
         "--threads", str(threads), "--wandb-project", args.wandb_project, "--wandb-dir", str(args.wandb_dir),
         "--wandb-group", group,
     ]  # fmt: skip
@@ -727,6 +770,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "jobs": min(args.jobs, len(args.seeds)),
         "steps": args.steps,
+        "align_steps": args.align_steps,
         "batch_size": seed_data_args(read_config(SHARED), 0, args.batch_size)["batch_size"],
         "eval_pairs_asked": args.eval_pairs,
         "evaluation": dataclasses.asdict(test),
@@ -802,7 +846,7 @@ def header(results: dict[str, Any], test: TestSettings, notes: dict[str, str]) -
         + ", ".join(f"{name} {mib}" for name, mib in results["peak_rss_mib"].items())
         + ".",
         "",
-        f"Foundations in `{results['foundations_root']}`: {found}. Every member: stage 3 from them, "
+        f"Foundations in `{results['foundations_root']}`: {found}. Every member: {align_text(results)}stage 3, "
         f"{results['steps']} steps, batch {results['batch_size']}, data seeds {results['seeds']} (the synthetic "
         f"world's, the split's and the training seed); {results['per_seed'][str(results['seeds'][0])]['eval_pairs']} "
         f"held-out pairs per seed, protocol {test.protocol} at {test.resolution} px, {test.num_inference_steps} DDIM "
@@ -811,6 +855,11 @@ def header(results: dict[str, Any], test: TestSettings, notes: dict[str, str]) -
         "Minutes of CPU training on the 32-px synthetic twin: never comparable with the paper's numbers "
         "(docs/deviations.md#6-the-comparison-on-the-twin).",
         "",
+        *(
+            ["Where a member has an align stage, its steps and seconds read *align + stage 3*.", ""]
+            if results.get("align_steps")
+            else []
+        ),
         "| run | " + " | ".join(f"seed {s}: steps, train s, edit s" for s in results["seeds"]) + " |",
         "|---|" + "---|" * len(results["seeds"]),
     ]
@@ -819,11 +868,27 @@ def header(results: dict[str, Any], test: TestSettings, notes: dict[str, str]) -
         cells = []
         for seed in results["seeds"]:
             run = results["per_seed"][str(seed)]["runs"].get(row, {})
-            cells.append(f"{run.get('steps', '–')}, {run.get('seconds', '–')}, {run.get('edit_seconds', '–')}")
+            aligned = run.get("align")
+            before = f"{aligned['steps']} + " if aligned else ""
+            seconds = f"{aligned['seconds']} + " if aligned else ""
+            cells.append(
+                f"{before}{run.get('steps', '–')}, {seconds}{run.get('seconds', '–')}, {run.get('edit_seconds', '–')}"
+            )
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", *([] if results["equal_steps"] else ["**Unequal steps (stopped by --max-minutes).**", ""])]
     lines += [*(f"- {member}: {note}" for member, note in notes.items()), ""]
     return "\n".join(lines) + "\n"
+
+
+def align_text(results: dict[str, Any]) -> str:
+    """How the members started stage 3, for the header: from their align stage (its steps) or the foundations."""
+    steps = results.get("align_steps") or 0
+    if not steps:
+        return "from the foundations, "
+    return (
+        f"from the foundations, the members with an align stage (stage 1: no UNet, L_align) first {steps} steps "
+        "of it at their tiny learning rates, as the paper orders the stages, then "
+    )
 
 
 def zoo_stats_metric(metric: dict[str, float] | None) -> str:

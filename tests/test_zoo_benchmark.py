@@ -172,18 +172,20 @@ def test_cli_defaults_are_both_seeds_and_the_stage3_steps(zoo: Any) -> None:
     args = zoo.parse_args([])
     assert args.seeds == [0, 1]
     assert args.steps == zoo.DEFAULT_STEPS and args.eval_pairs == zoo.DEFAULT_EVAL_PAIRS
+    assert args.align_steps == zoo.DEFAULT_ALIGN_STEPS > 0  # the paper's order: align, then stage 3
     assert args.foundations is None and not args.no_build and args.jobs == 2
     args = zoo.parse_args(["--seeds", "3", "--foundations", "/tmp/f", "--no-build", "--steps", "5"])
     assert args.seeds == [3] and args.foundations == Path("/tmp/f") and args.no_build and args.steps == 5
 
 
 def test_a_worker_runs_one_seed_of_the_same_comparison(zoo: Any, tmp_path: Path) -> None:
-    args = zoo.parse_args(["--steps", "7", "--eval-pairs", "9", "--batch-size", "4", "--no-wandb"])
+    args = zoo.parse_args(["--steps", "7", "--align-steps", "3", "--eval-pairs", "9", "--batch-size", "4", "--no-wandb"])
     argv = zoo.worker_argv(args, 1, ["mgie", "insightedit"], Path("/f"), "zoo-g", 1, tmp_path)
     worker = zoo.parse_args(argv)
     assert (worker.worker_seed, worker.worker_out, worker.foundations) == (1, tmp_path, Path("/f"))
     assert worker.no_build and worker.no_wandb and worker.wandb_group == "zoo-g"  # the parent built them
     assert (worker.steps, worker.eval_pairs, worker.batch_size, worker.threads) == (7, 9, 4, 1)
+    assert worker.align_steps == 3
     assert worker.members == ["mgie", "insightedit"] and worker.max_minutes is None
 
 
