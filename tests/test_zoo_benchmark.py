@@ -179,7 +179,8 @@ def test_cli_defaults_are_both_seeds_and_the_stage3_steps(zoo: Any) -> None:
 
 
 def test_a_worker_runs_one_seed_of_the_same_comparison(zoo: Any, tmp_path: Path) -> None:
-    args = zoo.parse_args(["--steps", "7", "--align-steps", "3", "--eval-pairs", "9", "--batch-size", "4", "--no-wandb"])
+    argv = ["--steps", "7", "--align-steps", "3", "--eval-pairs", "9", "--batch-size", "4", "--no-wandb"]
+    args = zoo.parse_args(argv)
     argv = zoo.worker_argv(args, 1, ["mgie", "insightedit"], Path("/f"), "zoo-g", 1, tmp_path)
     worker = zoo.parse_args(argv)
     assert (worker.worker_seed, worker.worker_out, worker.foundations) == (1, tmp_path, Path("/f"))

@@ -19,6 +19,7 @@ import torch
 
 from insightedit.models.bridging.presets import build_bridging
 from insightedit.models.loading import load_pretrained
+from insightedit.training.optimizer import adamw
 
 TRAINED_GROUPS = ("qformer", "mapper")
 
@@ -109,6 +110,6 @@ class BridgingModule(L.LightningModule):
             }
             for name in TRAINED_GROUPS
         ]
-        return torch.optim.AdamW(
+        return adamw(
             param_groups, lr=self.hparams["learning_rate"], weight_decay=self.hparams["weight_decay"]
         )

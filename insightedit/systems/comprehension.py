@@ -16,6 +16,7 @@ import torch
 
 from insightedit.models.comprehension import ComprehensionOutput, build_comprehension
 from insightedit.models.loading import load_pretrained
+from insightedit.training.optimizer import adamw
 
 
 class ComprehensionModule(L.LightningModule):
@@ -106,7 +107,7 @@ class ComprehensionModule(L.LightningModule):
             for name, (lr, decay) in settings.items()
             if groups[name]
         ]
-        return torch.optim.AdamW(param_groups)
+        return adamw(param_groups)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The state-dict entries of the parameters that train (LoRA and the [MM] rows)."""

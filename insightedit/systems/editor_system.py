@@ -25,6 +25,7 @@ from insightedit.models.zoo import apply_section_overrides, build_editor, get_me
 from insightedit.systems.generation import log_skipped_samples
 from insightedit.systems.load_reports import loads_on_console
 from insightedit.systems.prediction import PredictionRun, PredictSettings, done_ids, merge_journals, summary_line
+from insightedit.training.optimizer import adamw
 from insightedit.training.safe_load import check_distributed_checkpoint, load_checkpoint
 from insightedit.training.sharded_loading import load_into_shards, loading_is_deferred
 from insightedit.training.sharding import ShardingSettings, load_distributed_checkpoint, shard_system
@@ -251,7 +252,7 @@ class EditorSystem(L.LightningModule):
                 param_groups.append({"params": params, "lr": lr, "name": optimizer_group})
         if not param_groups:
             raise UserError(f"stage {self.stage.name!r} trains nothing: check stage_settings.train")
-        optimizer = torch.optim.AdamW(param_groups, weight_decay=self.hparams["weight_decay"])
+        optimizer = adamw(param_groups, weight_decay=self.hparams["weight_decay"])
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
         warmup = int(self.hparams["warmup_steps"])
 

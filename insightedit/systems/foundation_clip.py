@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from insightedit.models.foundations.clip import TinyClip, retrieval_top1, write_clip_export
+from insightedit.training.optimizer import adamw
 
 
 def _metrics(
@@ -133,7 +134,7 @@ class FoundationClipSystem(L.LightningModule):
         """AdamW (decay on matrices only) with linear warm-up and a cosine decay to 0 at the run's last step."""
         decay = [p for n, p in self.clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        optimizer = torch.optim.AdamW(
+        optimizer = adamw(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.learning_rate,
         )

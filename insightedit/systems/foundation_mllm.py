@@ -27,6 +27,7 @@ from insightedit.models.foundations.mllm import (
     set_phase,
     write_export,
 )
+from insightedit.training.optimizer import adamw
 
 EXPORT_DIR = "export"
 
@@ -181,7 +182,7 @@ class MllmFoundation(L.LightningModule):
         if hp["train_vision_tower"]:  # scheduled as the language model: it trains from align_steps
             groups.append({"params": list(llava.model.vision_tower.parameters()), "name": "vision_tower",
                            "lr": hp["vision_learning_rate"] or hp["llm_learning_rate"]})  # fmt: skip
-        optimizer = torch.optim.AdamW(groups, weight_decay=hp["weight_decay"])
+        optimizer = adamw(groups, weight_decay=hp["weight_decay"])
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
         align = int(hp["align_steps"])
         warmup = int(hp["warmup_steps"])

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from insightedit.models.generation.generator import PREDICTION_TYPES, EditGenerator
+from insightedit.training.optimizer import adamw
 
 
 def log_skipped_samples(module: L.LightningModule, batch: dict[str, Any]) -> None:
@@ -103,7 +104,7 @@ class GenerationModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters."""
         parameters = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+        return adamw(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
 
     @torch.no_grad()
     def edit(self, source: torch.Tensor, **kwargs: Any) -> torch.Tensor:
