@@ -71,7 +71,6 @@ import os
 import platform
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -568,6 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option in ("steps", "eval_pairs", "jobs"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be ≥ 1")
+    if args.align_steps < 0:
+        parser.error("--align-steps must be ≥ 0 (0: no align stage)")
     return args
 
 
@@ -660,29 +661,26 @@ def run_seed(args: argparse.Namespace, seed: int, members: list[str], root: Path
         return record["scores"][row]  # type: ignore[no-any-return]
 
     evaluate(IDENTITY, None)
-    work = Path(tempfile.mkdtemp(prefix=f"insightedit-zoo-seed{seed}-"))  # the align stages' checkpoints
-    for member in members:
-        row = ROWS.get(member, member)
-        settings = member_settings(member, root, evaluation)
-        record["starting_points"][row] = starting_points(settings)
-        record["runs"][row] = {"member": member, "config": str(member_config(member))}
-        if args.align_steps > 0:
-            aligned = align(settings, data, args, seed, row, work / f"{member}-seed{seed}-align.ckpt")
-            if aligned is not None:
-                record["runs"][row]["align"], checkpoint = aligned
-                settings = {**settings, "init_from": str(checkpoint)}
-        system = build_system(settings, seed)
-        run_config = {"member": member, "row": row, "steps": args.steps, "seed": seed, "model": settings}
-        logger = wandb_logger(args, group, f"{row} seed {seed}", {**run_config, "data": data_args})
-        start = "its align stage" if settings.get("init_from") else "the foundations"
-        print(f"[seed {seed}] [{row}] training {args.steps} steps from {start}", flush=True)
-        stats, _ = fit(system, data, args.steps, seed, f"{row} seed {seed}", logger, args.max_minutes)
-        record["runs"][row].update(stats)
-        log_test(logger, row, seed, evaluate(row, system))
-        del system
-        if settings.get("init_from"):
-            Path(settings["init_from"]).unlink(missing_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"insightedit-zoo-seed{seed}-") as work:  # align checkpoints
+        for member in members:
+            row = ROWS.get(member, member)
+            settings = member_settings(member, root, evaluation)
+            record["starting_points"][row] = starting_points(settings)
+            record["runs"][row] = {"member": member, "config": str(member_config(member))}
+            if args.align_steps > 0:
+                aligned = align(settings, data, args, seed, row, Path(work) / f"{member}-seed{seed}-align.ckpt")
+                if aligned is not None:
+                    record["runs"][row]["align"], checkpoint = aligned
+                    settings = {**settings, "init_from": str(checkpoint)}
+            system = build_system(settings, seed)
+            run_config = {"member": member, "row": row, "steps": args.steps, "seed": seed, "model": settings}
+            logger = wandb_logger(args, group, f"{row} seed {seed}", {**run_config, "data": data_args})
+            start = "its align stage" if settings.get("init_from") else "the foundations"
+            print(f"[seed {seed}] [{row}] training {args.steps} steps from {start}", flush=True)
+            stats, _ = fit(system, data, args.steps, seed, f"{row} seed {seed}", logger, args.max_minutes)
+            record["runs"][row].update(stats)
+            log_test(logger, row, seed, evaluate(row, system))
+            del system
     record["seconds"] = round(time.perf_counter() - t_seed, 1)
     record["held_out"] = batches["templated"]
     record["edits"] = edits

@@ -191,7 +191,11 @@ def test_a_worker_runs_one_seed_of_the_same_comparison(zoo: Any, tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    "argv", [["--seeds", "0", "0"], ["--steps", "0"], ["--eval-pairs", "0"], ["--seeds"], ["--jobs", "0"]]
+    "argv",
+    [
+        ["--seeds", "0", "0"], ["--steps", "0"], ["--eval-pairs", "0"], ["--seeds"], ["--jobs", "0"],
+        ["--align-steps", "-1"],
+    ],  # fmt: skip
 )
 def test_cli_rejects_repeated_seeds_and_empty_runs(zoo: Any, argv: list[str]) -> None:
     with pytest.raises(SystemExit):
