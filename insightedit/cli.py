@@ -83,6 +83,9 @@ def main(args: Sequence[str] | None = None) -> int:
         from insightedit.threads import configure_threads
 
         configure_threads()  # OpenMP waits that hold up on shared cores, before torch loads (insightedit/threads.py)
+        from insightedit.allocator import pad_heap
+
+        pad_heap()  # freed activations stay in the heap instead of page-faulting back every step (allocator.py)
         if command in LIGHTNING_COMMANDS:
             from insightedit.cli_precheck import precheck
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from insightedit.allocator import pad_heap
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,8 +29,9 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))  # what child proces
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Set the process's intra-op thread count before any test runs."""
+    """Set the process's intra-op thread count and glibc's heap padding before any test runs."""
     torch.set_num_threads(TEST_THREADS)
+    pad_heap()  # as the insightedit command does (insightedit/allocator.py)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
