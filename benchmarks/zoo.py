@@ -85,6 +85,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
+from insightedit.allocator import pad_heap
 from insightedit.commands.foundations import FOUNDATIONS, FOUNDATIONS_ENV, STAMP, FoundationBuilder, default_root
 from insightedit.data import AdvancedEditDataModule
 from insightedit.errors import UserError
@@ -737,6 +738,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Ensure the foundations, train and score every member per seed, summarize, write the results."""
     args = parse_args(argv)
     started = time.perf_counter()
+    pad_heap()  # as the insightedit command does: freed activations stay in the heap (insightedit/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -3,15 +3,16 @@
 On Linux, torch's CPU allocator is glibc's ``malloc``. With glibc's defaults the heap is grown by exactly
 what is asked and shrunk as soon as its free top passes the (dynamic) trim threshold, so a training step
 that allocates and frees the same activations every iteration gives the pages back to the kernel and
-faults them in again, zero-filled, on the next step. On the tiny stage-3 run that was 12.3 million minor
-page faults and 13.6 s of system time in 120 steps, 2.72 steps/s; with a 256 MiB top pad the heap keeps
-that much slack when it grows and when it trims: 0.3 million faults, 0.9 s of system time, 3.77 steps/s
-(the same losses, peak RSS 1.45 GiB instead of 1.31; ``benchmarks/results/malloc_pad.md``).
+faults them in again, zero-filled, on the next step. On the README's main job that was 12.4 million minor
+page faults and 13.9 s of system time in 120 steps, 2.68 steps/s; with a 256 MiB top pad the heap keeps
+that much slack when it grows and when it trims: 0.3 million faults, 1.1 s of system time, 3.61 steps/s
+(1.35x idle, 1.42x beside a busy process; 64 MiB gave 1.13x; the same losses; peak RSS 1.38 GiB instead of 1.25;
+``benchmarks/results/malloc_pad.md``).
 
 :func:`pad_heap` sets it with ``mallopt(M_TOP_PAD)`` at run time, which glibc honours for every later
 allocation. It does nothing where the C library is not glibc, and nothing when ``MALLOC_TOP_PAD_`` is in
-the environment: glibc has then already applied the user's value (``MALLOC_TOP_PAD_=0`` restores glibc's
-behaviour). The ``insightedit`` command calls it first; so does the test suite's conftest.
+the environment: glibc has then already applied the user's value (``MALLOC_TOP_PAD_=0`` turns the padding
+off). The ``insightedit`` command calls it first; so do the test suite's conftest and ``benchmarks/zoo.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Mapping
 
 TOP_PAD_VARIABLE = "MALLOC_TOP_PAD_"
-DEFAULT_TOP_PAD = 256 * 2**20  # bytes; measured against 64 MiB (3.14 steps/s) and glibc's default (2.72)
+DEFAULT_TOP_PAD = 256 * 2**20  # bytes; measured against 64 MiB and glibc's own (benchmarks/results/malloc_pad.md)
 _M_TOP_PAD = -2  # <malloc.h>
 
 
