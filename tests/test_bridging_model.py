@@ -13,7 +13,7 @@ from insightedit.systems.bridging import BridgingModule
 
 B, R = 2, 8
 # clip: the tiny CLIP foundation's image tower + projection (TINY_CLIP_CONFIG)
-TINY_COUNTS = {"qformer": 54_320, "bim": 120_960, "mapper": 6_368, "clip": 82_688}
+TINY_COUNTS = {"qformer": 54_320, "bim": 120_960, "mapper": 6_368, "clip": 76_544}  # clip: 4-px patches, 8x8 grid
 FULL_COUNTS = {"qformer": 65_015_040, "bim": 30_262_848, "mapper": 9_972_480, "clip": 303_966_208}
 
 

@@ -47,11 +47,11 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def test_forward_shapes_loss_and_vision_features():
     model = build_comprehension("tiny").eval()
     assert (model.hidden_size, model.vision_hidden_size, model.num_mm_tokens) == (64, 64, 32)
-    assert model.vision_grid == (4, 4) and model.image_size == 32
+    assert model.vision_grid == (8, 8) and model.image_size == 32
     pixels = images()
     out = model(pixels, INSTRUCTIONS)
     assert out.h.shape == (2, 32, 64)
-    assert out.vision_features.shape == (2, 16, 64)
+    assert out.vision_features.shape == (2, 64, 64)
     assert out.loss_llm is not None and math.isfinite(out.loss_llm.item()) and out.loss_llm.item() > 0
     # The patch features are LLaVA's own choice: vision layer -2, CLS dropped, before the projector.
     with torch.no_grad():

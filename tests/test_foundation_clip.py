@@ -13,7 +13,13 @@ import yaml
 from _training_runs import REPO, environment, fit_command
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel, LlavaForConditionalGeneration
 
-from insightedit.data.foundation_captions import CaptionStream, HeldOutCaptions, SceneCaptionDataModule, caption_pair
+from insightedit.data.foundation_captions import (
+    CaptionStream,
+    HeldOutCaptions,
+    SceneCaptionDataModule,
+    caption_pair,
+    shape_twin,
+)
 from insightedit.data.images import clip_preprocess
 from insightedit.data.scene_captions import (
     MAX_TOKENS,
@@ -118,6 +124,43 @@ def test_pixels_are_the_projects_clip_preprocessing_and_streams_are_disjoint() -
     assert "a blue square, a red circle and a green triangle" not in true_captions(SCENE)  # plain: left to right
 
 
+def test_a_shape_twin_differs_in_one_object_s_shape_alone() -> None:
+    for index in range(40):
+        scene = random_scene(np.random.default_rng([3, index]), 32)
+        twin = shape_twin(scene, np.random.default_rng(index))
+        assert twin is not None and len(twin.objects) == len(scene.objects)
+        changed = [(a, b) for a, b in zip(scene.objects, twin.objects, strict=True) if a != b]
+        assert len(changed) == 1
+        ((old, new),) = changed
+        assert new.shape != old.shape and (new.colour, new.x, new.y, new.radius) == (
+            old.colour,
+            old.x,
+            old.y,
+            old.radius,
+        )
+        assert len({o.name for o in twin.objects}) == len(twin.objects)  # names stay distinct
+        assert (twin.render() != scene.render()).any(axis=-1).sum() > 0
+    # red circle + red square + red triangle: no object can take another shape without repeating a name
+    crowded = Scene(32, ("grey",), "none", tuple(SceneObject(s, "red", 6 + 10 * i, 16, 3) for i, s in
+                                                 enumerate(("circle", "square", "triangle"))))  # fmt: skip
+    assert shape_twin(crowded, np.random.default_rng(0)) is None
+    assert shape_twin(Scene(32, ("grey",), "none", ()), np.random.default_rng(0)) is None
+
+
+def test_shape_twins_pair_up_the_first_share_of_each_batch() -> None:
+    plain, twinned = CaptionStream(0, batch_size=8).batch(3), CaptionStream(0, batch_size=8, shape_twins=0.5).batch(3)
+    # pairs 1 and 3 are twins of pairs 0 and 2: same colours in the same places, one object reshaped
+    for k in range(8):
+        same = torch.equal(plain["pixels"][k], twinned["pixels"][k])
+        assert same == (k not in (1, 3)), k
+    for k in (1, 3):
+        previous, twin = twinned["pixels"][k - 1], twinned["pixels"][k]
+        differ = (previous != twin).any(dim=0)
+        assert 0 < int(differ.sum()) < 60  # one small object's outline, not a new scene
+    with pytest.raises(ValueError, match="shape_twins"):
+        SceneCaptionDataModule(shape_twins=1.5)
+
+
 def test_retrieval_top1_on_a_hand_made_case() -> None:
     texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     # image 0 -> caption 0 (right), image 1 -> caption 2 (wrong), image 2 -> caption 3 (same text as 2: right),
@@ -151,7 +194,10 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = base / "clip"
     config = yaml.safe_load(RECIPE.read_text())
     config["trainer"].update(
-        max_steps=STEPS, val_check_interval=2, log_every_n_steps=1, default_root_dir=str(root),
+        max_steps=STEPS,
+        val_check_interval=2,
+        log_every_n_steps=1,
+        default_root_dir=str(root),
         enable_progress_bar=False,
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
     )

@@ -110,7 +110,7 @@ def test_only_the_answer_and_its_end_token_are_labelled():
         assert row[-len(kept):] == kept and kept[-1] == tokenizer.eos_token_id
     texts = [tokenizer.decode([t for t in row if t != -100]) for row in batch.labels.tolist()]
     assert texts == ["green triangle</s>", "3</s>"]
-    assert batch.input_ids[0].tolist().count(llava.config.image_token_id) == 16  # one per patch of the 4x4 grid
+    assert batch.input_ids[0].tolist().count(llava.config.image_token_id) == 64  # one per patch of the 8x8 grid
     # head + answer tokenised apart == the whole turn tokenised at once
     head = encoder.prompts.head("What is above the square?")
     whole = encoder.prompts._expand_image(tokenizer(head + " green triangle")["input_ids"]) + [tokenizer.eos_token_id]

@@ -10,6 +10,7 @@ the same draw never lands in both (two draws may still picture the same scene by
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from insightedit.data.images import CLIP_MEAN, CLIP_STD
 from insightedit.data.scene_captions import random_caption, true_captions
-from insightedit.data.scenes import random_scene
+from insightedit.data.scenes import SHAPES, Scene, random_scene
 
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
 
@@ -32,10 +33,35 @@ def normalize_image(array: np.ndarray) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def caption_pair(seed: int, stream: int, index: int, size: int = 32, max_objects: int = 3) -> dict[str, Any]:
-    """Scene ``index`` of ``stream``: ``{"pixels": (3, size, size), "caption": str}``, fixed by the arguments."""
+def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """``scene`` with one object (drawn with ``rng``) given another shape: same colour, place and size.
+
+    ``None`` when the scene is empty or no object can change shape without repeating another's name.
+    """
+    choices = []
+    for index, obj in enumerate(scene.objects):
+        taken = {o.name for i, o in enumerate(scene.objects) if i != index}
+        choices += [(index, shape) for shape in SHAPES if shape != obj.shape and f"{obj.colour} {shape}" not in taken]
+    if not choices:
+        return None
+    index, shape = choices[int(rng.integers(len(choices)))]
+    return scene.swapped(index, replace(scene.objects[index], shape=shape))
+
+
+def caption_pair(
+    seed: int, stream: int, index: int, size: int = 32, max_objects: int = 3, twin: bool = False
+) -> dict[str, Any]:
+    """Scene ``index`` of ``stream``: ``{"pixels": (3, size, size), "caption": str}``, fixed by the arguments.
+
+    With ``twin``, the scene is the :func:`shape_twin` of scene ``index - 1`` (drawn with scene ``index``'s
+    generator; scene ``index`` itself when there is none), so the pair differs from its neighbour in a
+    batch by one object's shape alone.
+    """
     rng = np.random.default_rng([seed, stream, index])
     scene = random_scene(rng, size, max_objects=max_objects)
+    if twin and index > 0:
+        previous = random_scene(np.random.default_rng([seed, stream, index - 1]), size, max_objects=max_objects)
+        scene = shape_twin(previous, rng) or scene
     return {"pixels": normalize_image(scene.render()), "caption": random_caption(scene, rng)}
 
 
@@ -43,20 +69,31 @@ class CaptionStream(IterableDataset):
     """Training batches ``start, start + 1, ...`` without end; batch ``b`` holds scenes ``b * batch_size ...``.
 
     Each DataLoader worker renders every ``num_workers``-th batch, and the loader takes them in turn, so the
-    batches (and a resumed run's, from ``start``) are the same whatever the number of workers.
+    batches (and a resumed run's, from ``start``) are the same whatever the number of workers. With
+    ``shape_twins``, every second pair of the first ``shape_twins`` share of a batch is the
+    :func:`shape_twin` of the pair before it: hard negatives that only the objects' shapes tell apart.
     """
 
-    def __init__(self, seed: int, batch_size: int, size: int = 32, max_objects: int = 3, start: int = 0) -> None:
+    def __init__(
+        self,
+        seed: int,
+        batch_size: int,
+        size: int = 32,
+        max_objects: int = 3,
+        start: int = 0,
+        shape_twins: float = 0.0,
+    ) -> None:
         super().__init__()
         self.seed, self.batch_size, self.size, self.max_objects = seed, batch_size, size, max_objects
-        self.start = start
+        self.start, self.shape_twins = start, shape_twins
 
     def batch(self, number: int) -> dict[str, Any]:
         """Batch ``number``: ``{"pixels": (B, 3, size, size), "caption": [B strings]}``."""
         first = number * self.batch_size
+        twins = round(self.shape_twins * self.batch_size)
         pairs = [
-            caption_pair(self.seed, TRAIN_STREAM, i, self.size, self.max_objects)
-            for i in range(first, first + self.batch_size)
+            caption_pair(self.seed, TRAIN_STREAM, first + k, self.size, self.max_objects, twin=k < twins and k % 2 == 1)
+            for k in range(self.batch_size)
         ]
         return {"pixels": torch.stack([p["pixels"] for p in pairs]), "caption": [p["caption"] for p in pairs]}
 
@@ -109,6 +146,8 @@ class SceneCaptionDataModule(L.LightningDataModule):
         batch_size: training pairs per step.
         num_val: held-out scenes; validation ranks all of them against each other in one batch.
         num_workers: DataLoader workers rendering training scenes beside the training step.
+        shape_twins: share of each training batch given to pairs of scenes that differ in one object's shape
+            alone (:func:`shape_twin`), 0 to 1.
     """
 
     def __init__(
@@ -119,8 +158,11 @@ class SceneCaptionDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_val: int = 256,
         num_workers: int = 0,
+        shape_twins: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= shape_twins <= 1.0:
+            raise ValueError(f"shape_twins must be between 0 and 1, not {shape_twins}")
         self.save_hyperparameters()
         self.held_out: HeldOutCaptions | None = None
         self.start_batch = 0  # the first training batch (a resumed run continues the stream)
@@ -134,7 +176,9 @@ class SceneCaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The endless training stream, in batches (images stacked, captions as a list)."""
         hp = self.hparams
-        stream = CaptionStream(hp.seed, hp.batch_size, hp.size, hp.max_objects, start=self.start_batch)
+        stream = CaptionStream(
+            hp.seed, hp.batch_size, hp.size, hp.max_objects, start=self.start_batch, shape_twins=hp.shape_twins
+        )
         workers = hp.num_workers
         return DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,

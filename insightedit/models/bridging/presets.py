@@ -20,12 +20,12 @@ CLIP_TWIN_SEED = 20250612
 
 # A tiny open_clip model: only its image tower is kept; the text tower is the smallest open_clip accepts.
 # Its image tower has the tiny CLIP foundation's shapes (the tiny LLaVA's vision tower, TINY_VISION_CONFIG:
-# width 64, 2 layers, 4 heads, MLP 128, 8-px patches of 32 px, QuickGELU; projection 32), so
+# width 64, 2 layers, 4 heads, MLP 128, 4-px patches of 32 px, QuickGELU; projection 32), so
 # ``clip_pretrained: checkpoints/tiny/foundations/clip/export`` loads that CLIP (random without it).
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 32,
     "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "mlp_ratio": 2.0, "patch_size": 8},
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "mlp_ratio": 2.0, "patch_size": 4},
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }
 

@@ -77,7 +77,7 @@ TINY_VISION_CONFIG: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "image_size": 32,
-    "patch_size": 8,
+    "patch_size": 4,
     "projection_dim": 64,
     "hidden_act": "quick_gelu",
 }
