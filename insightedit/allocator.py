@@ -25,7 +25,8 @@ from collections.abc import Mapping
 
 TOP_PAD_VARIABLE = "MALLOC_TOP_PAD_"
 DEFAULT_TOP_PAD = 256 * 2**20  # bytes; measured against 64 MiB and glibc's own (benchmarks/results/malloc_pad.md)
-_M_TOP_PAD = -2  # <malloc.h>
+MMAP_THRESHOLD = 32 * 2**20  # bytes: glibc's largest dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3  # <malloc.h>
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -55,4 +56,7 @@ def pad_heap(top_pad: int = DEFAULT_TOP_PAD, environ: Mapping[str, str] | None =
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_TOP_PAD, int(top_pad)))
+    # Setting any of these freezes glibc's dynamic mmap threshold where it stands: 128 KiB in a fresh
+    # process, so every larger block would be mmap'ed and faulted in at each use. Fix it where the dynamic
+    # threshold would have climbed to, so that blocks up to 32 MiB come from the padded heap.
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TOP_PAD, int(top_pad)))

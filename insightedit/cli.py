@@ -83,13 +83,15 @@ def main(args: Sequence[str] | None = None) -> int:
         from insightedit.threads import configure_threads
 
         configure_threads()  # OpenMP waits that hold up on shared cores, before torch loads (insightedit/threads.py)
-        from insightedit.allocator import pad_heap
-
-        pad_heap()  # freed activations stay in the heap instead of page-faulting back every step (allocator.py)
         if command in LIGHTNING_COMMANDS:
             from insightedit.cli_precheck import precheck
 
             precheck(argv[1:])  # common mistakes answered before Lightning and the models are imported
+            import torch  # noqa: F401  (before pad_heap: see insightedit/allocator.py)
+
+            from insightedit.allocator import pad_heap
+
+            pad_heap()  # freed activations stay in the heap instead of page-faulting back every step
             from insightedit.lightning_cli import run_lightning_cli
 
             return run_lightning_cli(argv)
