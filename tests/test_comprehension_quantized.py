@@ -45,7 +45,7 @@ def test_quantized_tiny_loads_and_trains_lora(quantization: str):
     losses = []
     for _ in range(3):
         out = model(pixels, INSTRUCTIONS)
-        assert out.h.shape == (2, 32, 64) and out.vision_features.shape == (2, 16, 64)
+        assert out.h.shape == (2, 32, 64) and out.vision_features.shape == (2, 64, 64)  # an 8x8 grid of 4-px patches
         out.loss_llm.backward()
         optimizer.step()
         optimizer.zero_grad()
