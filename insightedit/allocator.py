@@ -3,11 +3,12 @@
 On Linux, torch's CPU allocator is glibc's ``malloc``. With glibc's defaults the heap is grown by exactly
 what is asked and shrunk as soon as its free top passes the (dynamic) trim threshold, so a training step
 that allocates and frees the same activations every iteration gives the pages back to the kernel and
-faults them in again, zero-filled, on the next step. On the README's main job that was 12.4 million minor
-page faults and 13.9 s of system time in 120 steps, 2.68 steps/s; with a 256 MiB top pad the heap keeps
-that much slack when it grows and when it trims: 0.3 million faults, 1.1 s of system time, 3.61 steps/s
-(1.35x idle, 1.42x beside a busy process; 64 MiB gave 1.13x; the same losses; peak RSS 1.38 GiB instead of 1.25;
-``benchmarks/results/malloc_pad.md``).
+faults them in again, zero-filled, on the next step. On the README's main job that was 14.9 million minor
+page faults and 16.4 s of system time in 120 steps, 2.45 steps/s; with a 256 MiB top pad the heap keeps
+that much slack when it grows and when it trims: 0.4 million faults, 1.2 s of system time, 3.49 steps/s
+(1.42x on idle cores; 64 MiB gave 1.13x; the same losses; peak RSS 1.41 GiB instead of 1.25;
+``benchmarks/results/malloc_pad.md``). Beside a busy process the gain is not reliable: 1.42x in one run
+(at 0da87ce) and 1.04x, with 12.0 million faults, in the next (at d5b8659); we have not found why.
 
 :func:`pad_heap` sets it with ``mallopt(M_TOP_PAD)`` at run time, which glibc honours for every later
 allocation, and fixes the mmap threshold at 32 MiB (any ``mallopt`` freezes glibc's dynamic threshold

@@ -112,7 +112,7 @@ def full_llava_config() -> LlavaConfig:
 
 
 def tiny_llava_config(tokenizer: PreTrainedTokenizerBase, image_size: int = 32) -> LlavaConfig:
-    """The tiny twin's config, sized to ``tokenizer`` (image 32 px, 8 px patches: a 4x4 grid)."""
+    """The tiny twin's config, sized to ``tokenizer`` (image 32 px, 4 px patches: an 8x8 grid)."""
     pad_id = tokenizer.pad_token_id
     text = {**TINY_TEXT_CONFIG, "vocab_size": len(tokenizer), "pad_token_id": pad_id}
     text |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
