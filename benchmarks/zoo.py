@@ -176,15 +176,16 @@ def starting_points(settings: dict[str, Any]) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------------------------- foundations
-def ensure_foundations(root: Path, build: bool) -> dict[str, Any]:
+def ensure_foundations(root: Path, build: bool, jobs: int = 1) -> dict[str, Any]:
     """Build (or find current) the foundations in ``root``; each one's stamp, and whether this run built it.
 
-    With ``build`` it runs ``insightedit foundations``' builder (a current foundation is skipped at once);
+    With ``build`` it runs ``insightedit foundations``' builder (a current foundation is skipped at once; up
+    to ``jobs`` side by side);
     without, it only checks each foundation's output is there (a missing one: a :class:`UserError`).
     """
     built: dict[str, bool] = {}
     if build:
-        for outcome in FoundationBuilder(root).build():
+        for outcome in FoundationBuilder(root, jobs=jobs).build():
             built[outcome.name] = outcome.built
     records = {}
     for foundation in FOUNDATIONS:
@@ -756,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(f"[foundations] {'checking' if args.no_build else 'ensuring'} {root}", flush=True)
     t = time.perf_counter()
-    foundations = ensure_foundations(root, build=not args.no_build)
+    foundations = ensure_foundations(root, build=not args.no_build, jobs=max(1, args.jobs))
     phases["foundations"] = round(time.perf_counter() - t, 1)
     for name, found in foundations.items():
         print(f"  {name}: held-out {found['metric']}, built in {found['build_minutes']} min", flush=True)

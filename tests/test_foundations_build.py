@@ -43,7 +43,7 @@ def test_micro_foundations_layout_and_cache(tiny_foundations: Path) -> None:
         assert stamp["metric"], foundation.name  # the held-out metric each run wrote
     assert "val/loss_diff" in json.loads((root / "instruct_pix2pix" / STAMP).read_text())["metric"]
 
-    def refuse(argv: list[str]) -> int:
+    def refuse(argv: list[str], settings: object = None) -> int:
         raise AssertionError(f"rebuilt: {argv}")
 
     lines: list[str] = []

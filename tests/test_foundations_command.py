@@ -6,6 +6,7 @@ The runs are stubbed (each writes what its recipe would); one real run is in tes
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from insightedit.callbacks.held_out import HELD_OUT_FILE, HeldOutMetrics
 from insightedit.cli import main
 from insightedit.commands import foundations as command
-from insightedit.commands.foundations import FOUNDATIONS, STAMP, FoundationBuilder
+from insightedit.commands.foundations import FOUNDATIONS, STAMP, FoundationBuilder, JobSettings
 from insightedit.errors import UserError
 from insightedit.foundation_paths import check_foundation_paths, missing_foundations
 
@@ -35,14 +36,16 @@ class StubRunner:
 
     def __init__(self, fail: str | None = None) -> None:
         self.calls: list[list[str]] = []
+        self.settings: dict[str, JobSettings] = {}
         self.fail = fail
 
     def names(self) -> list[str]:
         return [Path(argv[2]).stem for argv in self.calls]
 
-    def __call__(self, argv: list[str]) -> int:
+    def __call__(self, argv: list[str], settings: JobSettings = JobSettings()) -> int:
         self.calls.append(argv)
         name = Path(argv[2]).stem
+        self.settings[name] = settings
         if name == self.fail:
             return 1
         folder = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
@@ -149,6 +152,74 @@ def test_a_failed_run_is_one_line_and_stops(tmp_path: Path, configs: Path) -> No
     message = str(error.value)
     assert "\n" not in message and message.startswith("foundations: mllm failed (insightedit fit exited 1 after ")
     assert not (tmp_path / "f" / "mllm" / STAMP).exists()
+
+
+class SideBySideRunner(StubRunner):
+    """A stub whose mllm and instruct_pix2pix runs each wait for the other to start: they must overlap."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        super().__init__(fail)
+        self.together = threading.Barrier(2, timeout=120)
+        self.order: list[str] = []
+
+    def __call__(self, argv: list[str], settings: JobSettings = JobSettings()) -> int:
+        name = Path(argv[2]).stem
+        self.order.append(f"start {name}")
+        if name != "clip":
+            self.together.wait()  # BrokenBarrierError if the other never starts while this one runs
+        code = super().__call__(argv, settings)
+        self.order.append(f"end {name}")
+        return code
+
+
+def test_side_by_side(tmp_path: Path, configs: Path) -> None:
+    """--jobs 2: clip alone with both threads, then mllm and instruct_pix2pix together with one each."""
+    runner, lines = SideBySideRunner(), []
+    outcomes = builder(tmp_path / "f", configs, runner, lines, jobs=2).build()
+    assert [o.name for o in outcomes] == ["clip", "mllm", "instruct_pix2pix"] and all(o.built for o in outcomes)
+    assert runner.order[:2] == ["start clip", "end clip"]
+    assert sorted(runner.order[2:4]) == ["start instruct_pix2pix", "start mllm"]
+    assert runner.settings == {
+        "clip": JobSettings(threads=2, label="clip"),
+        "mllm": JobSettings(threads=1, label="mllm"),
+        "instruct_pix2pix": JobSettings(threads=1, label="instruct_pix2pix"),
+    }
+    assert "clip: building into " in lines[0] and " (2 threads): insightedit fit " in lines[0]
+    stamp = json.loads((tmp_path / "f" / "mllm" / STAMP).read_text())
+    assert stamp["threads"] == 1 and stamp["metric"] == METRICS["mllm"]
+    # the stamps are the sequential build's: nothing is rebuilt one job at a time
+    again = StubRunner()
+    builder(tmp_path / "f", configs, again).build()
+    assert again.calls == []
+
+
+def test_side_by_side_failure_lets_the_other_finish(tmp_path: Path, configs: Path) -> None:
+    runner = SideBySideRunner(fail="instruct_pix2pix")
+    with pytest.raises(UserError, match=r"^foundations: instruct_pix2pix failed \(insightedit fit exited 1"):
+        builder(tmp_path / "f", configs, runner, jobs=2).build()
+    assert (tmp_path / "f" / "mllm" / STAMP).is_file()  # the run under way finished and was stamped
+    assert not (tmp_path / "f" / "instruct_pix2pix" / STAMP).exists()
+    runner = StubRunner(fail="clip")
+    with pytest.raises(UserError, match="^foundations: clip failed"):
+        builder(tmp_path / "g", configs, runner, jobs=2).build()
+    assert runner.names() == ["clip"]  # nothing that reads it started
+
+
+def test_child_threads_and_labels(monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+    """The run's thread count goes to INSIGHTEDIT_THREADS unless the user chose one; a label prefixes each line."""
+    monkeypatch.delenv("INSIGHTEDIT_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert command._child_environment(JobSettings(threads=2))["INSIGHTEDIT_THREADS"] == "2"
+    assert "INSIGHTEDIT_THREADS" not in command._child_environment(JobSettings())
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert "INSIGHTEDIT_THREADS" not in command._child_environment(JobSettings(threads=2))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("INSIGHTEDIT_THREADS", "4")
+    assert command._child_environment(JobSettings(threads=2))["INSIGHTEDIT_THREADS"] == "4"
+    code = command.subprocess_runner(["foundations", "--jobs", "0"], JobSettings(label="clip"))
+    assert code == 2
+    out = capfd.readouterr().out
+    assert out.startswith("[clip] error: insightedit foundations: --jobs must be >= 1, got 0")
 
 
 def test_command_line(tmp_path: Path, configs: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

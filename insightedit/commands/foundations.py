@@ -17,8 +17,10 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +70,11 @@ FOUNDATIONS: tuple[Foundation, ...] = (
 )
 
 
+def default_jobs() -> int:
+    """Foundations built side by side by default: 2 (after ``clip`` two runs can go together), 1 on one core."""
+    return min(2, os.cpu_count() or 1)
+
+
 def default_root() -> Path:
     """``$INSIGHTEDIT_FOUNDATIONS`` or ``checkpoints/tiny/foundations``."""
     return Path(os.environ.get(FOUNDATIONS_ENV) or DEFAULT_ROOT)
@@ -83,13 +90,55 @@ class Outcome:
     metric: dict[str, float] = field(default_factory=dict)
 
 
-Runner = Callable[[list[str]], int]
-"""Runs ``insightedit <argv>`` (``["fit", "--config", ...]``) and returns its exit code."""
+@dataclass(frozen=True)
+class JobSettings:
+    """How one foundation's run is started.
+
+    Args:
+        threads: torch intra-op threads for the run (``INSIGHTEDIT_THREADS``); ``None``: insightedit's default
+            (one). A thread count the user set (``INSIGHTEDIT_THREADS`` or ``OMP_NUM_THREADS``) always wins.
+        label: prefix of each of the run's output lines (``[mllm] ``) when runs go side by side; ``None``:
+            the output is passed through as it comes.
+    """
+
+    threads: int | None = None
+    label: str | None = None
 
 
-def subprocess_runner(argv: list[str]) -> int:
-    """``insightedit <argv>`` in a fresh interpreter (its memory is returned when it ends), output shown as it comes."""
-    return subprocess.call([sys.executable, "-m", "insightedit", *argv])
+Runner = Callable[[list[str], JobSettings], int]
+"""Runs ``insightedit <argv>`` (``["fit", "--config", ...]``) as ``JobSettings`` say and returns its exit code."""
+
+_OUTPUT_LOCK = threading.Lock()
+
+
+def _child_environment(settings: JobSettings) -> dict[str, str]:
+    env = dict(os.environ)
+    user_chose = any(env.get(name, "").strip() for name in ("INSIGHTEDIT_THREADS", "OMP_NUM_THREADS"))
+    if settings.threads is not None and not user_chose:
+        env["INSIGHTEDIT_THREADS"] = str(settings.threads)
+    return env
+
+
+def subprocess_runner(argv: list[str], settings: JobSettings = JobSettings()) -> int:
+    """``insightedit <argv>`` in a fresh interpreter (its memory is returned when it ends), output shown as it comes.
+
+    With a ``label`` each line of the run's output (stdout and stderr together) is printed with that prefix,
+    whole lines at a time, so runs side by side stay readable.
+    """
+    command = [sys.executable, "-m", "insightedit", *argv]
+    env = _child_environment(settings)
+    if settings.label is None:
+        return subprocess.call(command, env=env)
+    prefix = f"[{settings.label}] "
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            with _OUTPUT_LOCK:
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+        return process.wait()
 
 
 def _read_yaml_settings(path: Path) -> dict[str, Any]:
@@ -152,6 +201,8 @@ class FoundationBuilder:
         extra: more ``--key=value`` overrides per foundation name (tests: small data).
         runner: runs one ``insightedit fit`` (:func:`subprocess_runner`).
         report: where progress lines go.
+        jobs: foundations built side by side at most (those that do not read each other: after ``clip``,
+            ``mllm`` and ``instruct_pix2pix``); 1 builds them one after another.
     """
 
     root: Path
@@ -162,6 +213,7 @@ class FoundationBuilder:
     runner: Runner = subprocess_runner
     report: Callable[[str], None] = print
     foundations: Sequence[Foundation] = FOUNDATIONS
+    jobs: int = 1
 
     def inputs(self, foundation: Foundation, stamps: dict[str, str]) -> dict[str, Any]:
         """What ``foundation`` is built from: the recipe's text, the overrides, the upstream stamps."""
@@ -189,39 +241,88 @@ class FoundationBuilder:
             *overrides, "--overwrite",
         ]  # fmt: skip
 
-    def build(self) -> list[Outcome]:
-        """Build or skip each foundation in order; a failed run is one :class:`UserError` line."""
-        outcomes: list[Outcome] = []
+    def plan(self) -> list[tuple[Foundation, dict[str, Any]]]:
+        """Each foundation with the inputs it is built from (its stamp's), in order."""
         stamps: dict[str, str] = {}
+        planned = []
         for foundation in self.foundations:
             inputs = self.inputs(foundation, stamps)
             stamps[foundation.name] = _digest(inputs)
+            planned.append((foundation, inputs))
+        return planned
+
+    def build(self) -> list[Outcome]:
+        """Build or skip each foundation; a failed run is one :class:`UserError` line.
+
+        A foundation starts once the ones it reads are done; up to ``jobs`` runs go side by side, and the
+        runs started together share the free slots' threads (one alone on ``jobs=2``: two threads). After a
+        failure nothing new starts; the runs under way finish, then the first failure is raised.
+        """
+        planned = self.plan()
+        outcomes: dict[str, Outcome] = {}
+        pending: list[tuple[Foundation, dict[str, Any]]] = []
+        for foundation, inputs in planned:
             folder = self.root / foundation.name
             if not self.rebuild and self.is_current(foundation, inputs):
                 stamp = _read_json(folder / STAMP) or {}
                 metric = _metric(foundation, folder)
                 self.report(f"{foundation.name}: current, skipped ({folder}; {format_metric(metric)})")
-                outcomes.append(Outcome(foundation.name, False, float(stamp.get("minutes", 0.0)), metric))
-                continue
-            argv = self.command(foundation, inputs)
-            self.report(f"{foundation.name}: building into {folder}: insightedit {shlex.join(argv)}")
-            (folder / STAMP).unlink(missing_ok=True)  # a half-built foundation is never current
-            start = time.perf_counter()
-            code = self.runner(argv)
-            minutes = (time.perf_counter() - start) / 60
-            if code != 0 or not (folder / foundation.done).is_file():
-                why = f"exited {code}" if code != 0 else f"wrote no {foundation.done}"
-                raise UserError(
-                    f"foundations: {foundation.name} failed (insightedit fit {why} after {minutes:.1f} min); "
-                    f"its run folder is {folder}"
-                )
-            metric = _metric(foundation, folder)
-            stamp = {"inputs": inputs, "metric": metric, "minutes": round(minutes, 2),
-                     "date": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
-            (folder / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-            self.report(f"{foundation.name}: built in {minutes:.1f} min; held-out {format_metric(metric)}")
-            outcomes.append(Outcome(foundation.name, True, minutes, metric))
-        return outcomes
+                outcomes[foundation.name] = Outcome(foundation.name, False, float(stamp.get("minutes", 0.0)), metric)
+            else:
+                pending.append((foundation, inputs))
+        jobs = max(1, self.jobs)
+        failures: list[UserError] = []
+        running: dict[Future[Outcome], str] = {}
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while pending or running:
+                ready = [] if failures else [
+                    item for item in pending if all(need in outcomes for need in item[0].needs())
+                ]  # fmt: skip
+                free = jobs - len(running)
+                starting = ready[:free]
+                for foundation, inputs in starting:
+                    pending.remove((foundation, inputs))
+                    settings = JobSettings(
+                        threads=max(1, free // len(starting)) if jobs > 1 else None,
+                        label=foundation.name if jobs > 1 else None,
+                    )
+                    running[pool.submit(self._build_one, foundation, inputs, settings)] = foundation.name
+                if not running:
+                    break  # a failure left the rest unstartable
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    running.pop(future)
+                    try:
+                        outcome = future.result()
+                    except UserError as error:
+                        failures.append(error)
+                    else:
+                        outcomes[outcome.name] = outcome
+        if failures:
+            raise failures[0]
+        return [outcomes[foundation.name] for foundation, _ in planned]
+
+    def _build_one(self, foundation: Foundation, inputs: dict[str, Any], settings: JobSettings) -> Outcome:
+        folder = self.root / foundation.name
+        argv = self.command(foundation, inputs)
+        threads = f" ({settings.threads} thread{'s' if settings.threads != 1 else ''})" if settings.threads else ""
+        self.report(f"{foundation.name}: building into {folder}{threads}: insightedit {shlex.join(argv)}")
+        (folder / STAMP).unlink(missing_ok=True)  # a half-built foundation is never current
+        start = time.perf_counter()
+        code = self.runner(argv, settings)
+        minutes = (time.perf_counter() - start) / 60
+        if code != 0 or not (folder / foundation.done).is_file():
+            why = f"exited {code}" if code != 0 else f"wrote no {foundation.done}"
+            raise UserError(
+                f"foundations: {foundation.name} failed (insightedit fit {why} after {minutes:.1f} min); "
+                f"its run folder is {folder}"
+            )
+        metric = _metric(foundation, folder)
+        stamp = {"inputs": inputs, "metric": metric, "minutes": round(minutes, 2), "threads": settings.threads,
+                 "date": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        (folder / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+        self.report(f"{foundation.name}: built in {minutes:.1f} min; held-out {format_metric(metric)}")
+        return Outcome(foundation.name, True, minutes, metric)
 
 
 def main(argv: list[str]) -> int:
@@ -237,12 +338,19 @@ def main(argv: list[str]) -> int:
         help="multiply each recipe's max_steps (a smoke run: 0.01); a scaled build is not the default build",
     )  # fmt: skip
     parser.add_argument("--configs", type=Path, default=Path("lightning_configs"), help="the recipes' folder")
+    parser.add_argument(
+        "--jobs", type=int, default=default_jobs(),
+        help="foundations built side by side at most (default: 2, or 1 on one core); a run alone gets the threads",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.steps_scale <= 0:
         raise UserError(f"insightedit foundations: --steps-scale must be > 0, got {args.steps_scale}")
+    if args.jobs < 1:
+        raise UserError(f"insightedit foundations: --jobs must be >= 1, got {args.jobs}")
     builder = FoundationBuilder(
-        args.out or default_root(), args.configs, args.steps_scale, args.rebuild, runner=subprocess_runner
-    )
+        args.out or default_root(), args.configs, args.steps_scale, args.rebuild, runner=subprocess_runner,
+        jobs=args.jobs,
+    )  # fmt: skip
     start = time.perf_counter()
     outcomes = builder.build()
     built = [o.name for o in outcomes if o.built]
