@@ -15,7 +15,7 @@ import yaml
 from insightedit.callbacks.held_out import HELD_OUT_FILE, HeldOutMetrics
 from insightedit.cli import main
 from insightedit.commands import foundations as command
-from insightedit.commands.foundations import FOUNDATIONS, STAMP, FoundationBuilder, JobSettings
+from insightedit.commands.foundations import ALONE, FOUNDATIONS, STAMP, FoundationBuilder, JobSettings
 from insightedit.errors import UserError
 from insightedit.foundation_paths import check_foundation_paths, missing_foundations
 
@@ -42,7 +42,7 @@ class StubRunner:
     def names(self) -> list[str]:
         return [Path(argv[2]).stem for argv in self.calls]
 
-    def __call__(self, argv: list[str], settings: JobSettings = JobSettings()) -> int:
+    def __call__(self, argv: list[str], settings: JobSettings = ALONE) -> int:
         self.calls.append(argv)
         name = Path(argv[2]).stem
         self.settings[name] = settings
@@ -162,7 +162,7 @@ class SideBySideRunner(StubRunner):
         self.together = threading.Barrier(2, timeout=120)
         self.order: list[str] = []
 
-    def __call__(self, argv: list[str], settings: JobSettings = JobSettings()) -> int:
+    def __call__(self, argv: list[str], settings: JobSettings = ALONE) -> int:
         name = Path(argv[2]).stem
         self.order.append(f"start {name}")
         if name != "clip":

@@ -105,6 +105,9 @@ class JobSettings:
     label: str | None = None
 
 
+ALONE = JobSettings()
+"""A run on its own: insightedit's default threads, output passed through."""
+
 Runner = Callable[[list[str], JobSettings], int]
 """Runs ``insightedit <argv>`` (``["fit", "--config", ...]``) as ``JobSettings`` say and returns its exit code."""
 
@@ -119,7 +122,7 @@ def _child_environment(settings: JobSettings) -> dict[str, str]:
     return env
 
 
-def subprocess_runner(argv: list[str], settings: JobSettings = JobSettings()) -> int:
+def subprocess_runner(argv: list[str], settings: JobSettings = ALONE) -> int:
     """``insightedit <argv>`` in a fresh interpreter (its memory is returned when it ends), output shown as it comes.
 
     With a ``label`` each line of the run's output (stdout and stderr together) is printed with that prefix,
