@@ -13,7 +13,7 @@ tiny LLaVA; the InstructPix2Pix UNet), as the full members start from CLIP, LLaV
 2. for each **data seed** (``--seeds``, default 0 and 1; the synthetic world's seed, the split's seed
    and the training seed: other images, other held-out pairs, other batches and noise), every member
    trains in the paper's order: its align stage (stage 1: MLLM LoRA, [MM] rows and bridge or head with
-   ``L_LLM + L_align``, no UNet; ``--align-steps``, 300 by default, at its tiny learning rates) where it
+   ``L_LLM + L_align``, no UNet; ``--align-steps``, 1,500 by default, at its tiny learning rates) where it
    has one, then its stage 3 with its yaml's model settings (the InstructPix2Pix row, whose stages all
    train the UNet, continues the foundation UNet, which its yaml builds), on the same data
    (``tiny/stage3.yaml``'s: templated and reasoning phrasings), the same steps, batch, seed and draws;
@@ -114,7 +114,9 @@ SHARED = CONFIGS / "stage3.yaml"  # data, steps and evaluation settings every me
 UNET_FOUNDATION = "instruct_pix2pix/last.ckpt"  # under the foundations root
 DEFAULT_SEEDS = (0, 1)
 DEFAULT_STEPS = 300  # tiny/stage3.yaml's max_steps (see the time budget in the docstring)
-DEFAULT_ALIGN_STEPS = 300  # stage 1 of the members that align: tiny/stage1.yaml's max_steps (~0.15 s a step)
+# stage 1 of the members that align (~0.08 s a step): 300 steps (tiny/stage1.yaml's) left InsightEdit's add and
+# replace at the identity edit; 1,500 raised them to +2.1 / +3.2 dB (seed 0, 2026-12-03 22:52, docs/zoo.md)
+DEFAULT_ALIGN_STEPS = 1500
 DEFAULT_EVAL_PAIRS = 48
 DEFAULT_JOBS = 2  # the two seeds side by side, one torch thread each (see the time budget)
 

@@ -5,6 +5,8 @@ its foundations, trained on the synthetic world: ``clip`` (a tiny CLIP, contrast
 ``mllm`` (a tiny LLaVA whose vision tower is ``clip``'s) and ``instruct_pix2pix`` (the editing UNet, on
 ``clip``'s text tower). Each is ``insightedit fit --config <recipe>`` into ``<out>/<name>``; a foundation
 whose output exists and was built from the same recipe, settings and upstream foundations is skipped.
+``--jobs 2`` (the default on two or more cores) builds ``mllm`` and ``instruct_pix2pix`` side by side once
+``clip`` is done, one torch thread each; ``clip``, alone, gets both threads.
 The root (default ``$INSIGHTEDIT_FOUNDATIONS`` or ``checkpoints/tiny/foundations``) is the one the
 zoo's tiny configs read.
 """
