@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from insightedit.commands.foundations import FoundationBuilder
+from insightedit.commands.foundations import FoundationBuilder, JobSettings
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -41,7 +41,8 @@ def build_micro_foundations(root: Path, env: dict[str, str]) -> list[str]:
     """Build the micro-foundations into ``root`` (each ``insightedit fit`` in a fresh interpreter); return the log."""
     lines: list[str] = []
 
-    def run(argv: list[str]) -> int:
+    def run(argv: list[str], settings: JobSettings) -> int:
+        del settings  # one build at a time (the builder's default), on the suite's thread settings
         command = [sys.executable, "-m", "insightedit", *argv]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         lines.append(done.stdout + done.stderr)
