@@ -3,7 +3,8 @@
 Scores an MLLM foundation export on the held-out questions of ``SceneQuestionDataModule`` (seed 0, 512,
 an equal share per kind) three times: with each question's own image, with the images shuffled among the
 questions, and with zero images; then sorts the wrong answers of the object-naming kinds into "another
-object of the scene" and "an object not in the scene", and counts prompt tokens per kind::
+object of the scene" and "an object not in the scene", splits the "where" answers into their row and
+column (which half of the place it gets right), and counts prompt tokens per kind::
 
     python benchmarks/mllm_diagnosis.py checkpoints/tiny/foundations/mllm/export
 """
@@ -42,6 +43,18 @@ def held_out(count: int, seed: int = 0) -> list[tuple[dict, Scene]]:
         assert asked is not None and asked.answer == item["answer"]
         rows.append((item, scene))
     return rows
+
+
+def place_parts(phrase: str) -> tuple[str, str]:
+    """(row, column) of a place phrase of :func:`insightedit.data.scenes.where`: ``in the top left`` ->
+    ``("top", "left")``, ``on the right`` -> ``("middle", "right")``, ``at the top`` -> ``("top", "centre")``;
+    ``("?", "?")`` for anything else."""
+    words = phrase.split()
+    middle_row = phrase.startswith(("on the", "in the centre"))
+    centre_column = phrase.startswith(("at the", "in the centre"))
+    row = next((w for w in words if w in ("top", "bottom")), "middle" if middle_row else "?")
+    column = next((w for w in words if w in ("left", "right")), "centre" if centre_column else "?")
+    return row, column
 
 
 def answers(llava, encoder, pixels: torch.Tensor, questions: list[str], batch: int = 128) -> list[str]:
@@ -84,6 +97,21 @@ def main() -> None:
     for kind, counts in wrong.items():
         print(f"{kind}: {counts['right']} right, {counts['in scene']} another object of the scene, "
               f"{counts['not in scene']} an object not in it")  # fmt: skip
+    rows_right = columns_right = asked_where = 0
+    guesses: collections.Counter = collections.Counter()
+    for item, guess in zip(items, predicted["own images"], strict=True):
+        if item["kind"] != "where":
+            continue
+        asked_where += 1
+        guess = normalise_answer(guess)
+        guesses[guess] += 1
+        true_row, true_column = place_parts(item["answer"])
+        row, column = place_parts(guess)
+        rows_right += row == true_row
+        columns_right += column == true_column
+    if asked_where:
+        print(f"where: row right {rows_right}/{asked_where}, column right {columns_right}/{asked_where}; "
+              f"answers given: {dict(guesses.most_common())}")  # fmt: skip
     lengths = collections.defaultdict(list)
     image_id = int(llava.config.image_token_id)
     for item in items:

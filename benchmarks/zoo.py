@@ -41,16 +41,18 @@ one torch thread, which on 2 cores train faster together than one process of two
 0.92×, benchmarks/results/shared_cpu.md). The arithmetic, conservative (every member at InsightEdit's step
 rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
 
-* foundations: 35.8 min cold, as built on the shared 2-core machine (stamps: clip 10.4, mllm 7.8,
-  instruct_pix2pix 17.7 min); 0 when cached (the builder checks the stamps and returns);
+* foundations: 19.6 min cold on 2 idle cores (clip 10.5 with two threads, then mllm 9.1 beside
+  instruct_pix2pix 8.1, benchmarks/results/foundations_build.md); 0 when cached (the builder checks the
+  stamps and returns);
 * data: the synthetic world of each seed, ≤ 1 min on first use (57 s for seed 1 at load 4), cached;
 * training, per seed (the seeds in parallel): 6 members × 300 steps / 1.38 steps/s = 21.7 min, plus the
-  align stages: 5 members × 300 steps × ~0.15 s = ~4 min;
+  align stages: 5 members × 1,500 steps × ~0.08 s = ~10 min;
 * evaluation, per seed: 6 members × 2 phrasings × 48 pairs = 576 edits (20 DDIM steps, batches of 16)
   × 0.7 s (measured at load 4 on one thread: 16 edits in 11-12 s) = 6.7 min, plus ~1 min scoring;
-* total ≈ 35.8 + 1 + 21.7 + 7.7 ≈ 66 min cold, ≈ 31 min with the foundations cached: inside the 90
-  min with ~24 min to spare for a busier machine. Smoke runs on the shared machine (load 4-10):
-  ``--steps 2 --eval-pairs 8`` took 6.4 min one seed after the other and 7.5 min side by side.
+* total ≈ 19.6 + 1 + 31.7 + 7.7 ≈ 60 min cold, ≈ 41 min with the foundations cached: inside the 90
+  min with ~30 min to spare for a busier machine (the members' steps are cheaper than InsightEdit's, so
+  idle runs take less: see the README for the measured time). Smoke runs on the shared machine (load
+  4-10): ``--steps 2 --eval-pairs 8`` took 6.4 min one seed after the other and 7.5 min side by side.
 
 Memory: ~0.9 GiB for the main process and ~1.4 GiB per seed worker (peak RSS of a smoke run), ~3.7 GiB
 in all with two jobs; ``--jobs 1`` keeps it to one model at a time.
