@@ -166,6 +166,24 @@ class InsightEditCLI(LightningCLI):
                 raise
             raise UserError(f"cannot build what the config describes: {_first_reason(error)}") from error
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand as Lightning does; a setting Lightning refuses once the run is set up is one line.
+
+        Some trainer settings can only be checked against the data (``val_check_interval`` larger than an
+        epoch's batches): Lightning raises them as a ``MisconfigurationException``, or a ``ValueError`` whose
+        message starts with the setting's name in backquotes. Any other error propagates unchanged.
+        """
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            super()._run_subcommand(subcommand)
+        except (MisconfigurationException, ValueError) as error:
+            text = " ".join(str(error).split())
+            refused_setting = isinstance(error, MisconfigurationException) or text.startswith("`")
+            if not refused_setting or os.environ.get("INSIGHTEDIT_DEBUG"):
+                raise
+            raise UserError(f"Lightning refused a setting of this run: {text}") from error
+
 
 def shards_the_model(strategy: Any) -> bool:
     """Whether a config's ``trainer.strategy`` (a name, a class path section or an instance) is FSDP2's."""

@@ -239,6 +239,22 @@ def test_a_config_that_cannot_be_built_is_one_line(tmp_path, capsys, monkeypatch
     assert err[-1].startswith("error: cannot build what the config describes: init_from: checkpoint")
 
 
+def test_a_setting_lightning_refuses_once_the_run_is_set_up_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main([
+        "fit", "--config", str(CONFIGS / "tiny" / "stage3.yaml"), "--trainer.max_steps=3",
+        "--trainer.val_check_interval=1000",  # more batches than an epoch of 4 scenes' records holds
+        "--data.init_args.synthetic={num_images: 4, size: 32, seed: 0}", "--data.init_args.batch_size=4",
+        "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+    ])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1].startswith("error: Lightning refused a setting of this run: `val_check_interval`")
+    )
+
+
 def _instantiate(config: dict, tmp_path: Path) -> InsightEditCLI:
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(yaml.safe_dump(config))
