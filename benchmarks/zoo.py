@@ -35,8 +35,8 @@ and a comparison run go to one offline W&B project under a shared group (``--wan
 
 Time budget (the issue: the whole comparison ≤ 90 min on 2 cores, foundations included when not yet
 built). The defaults: every member trains tiny/stage3.yaml's 300 steps at batch 16 (the members' own
-recipe, unchanged), 48 held-out pairs per seed, both seeds side by side (``--jobs 2``: two processes of
-one torch thread, which on 2 cores train faster together than one process of two threads: 2 × 1.38 vs
+recipe, unchanged), 192 held-out pairs per seed (64 per task), both seeds side by side (``--jobs 2``:
+two processes of one torch thread, which on 2 cores train faster together than one process of two threads: 2 × 1.38 vs
 1.84 steps/s idle, README's main job; a one-thread step does not slow beside one other busy process,
 0.92×, benchmarks/results/shared_cpu.md). The arithmetic, conservative (every member at InsightEdit's step
 rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
@@ -47,10 +47,11 @@ rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
 * data: the synthetic world of each seed, ≤ 1 min on first use (57 s for seed 1 at load 4), cached;
 * training, per seed (the seeds in parallel): 6 members × 300 steps / 1.38 steps/s = 21.7 min, plus the
   align stages: 5 members × 1,500 steps × ~0.08 s = ~10 min;
-* evaluation, per seed: 6 members × 2 phrasings × 48 pairs = 576 edits (20 DDIM steps, batches of 16)
-  × 0.7 s (measured at load 4 on one thread: 16 edits in 11-12 s) = 6.7 min, plus ~1 min scoring;
-* total ≈ 19.6 + 1 + 31.7 + 7.7 ≈ 60 min cold, ≈ 41 min with the foundations cached: inside the 90
-  min with ~30 min to spare for a busier machine (the members' steps are cheaper than InsightEdit's, so
+* evaluation, per seed: 6 members × 2 phrasings × 192 pairs = 2,304 edits (20 DDIM steps, batches of
+  16) at 0.16-0.36 s each on one thread (the 48-pair run at 3b32cbf: 15-35 s per member for its 96
+  edits, benchmarks/results/zoo_results_48pairs.json) ≈ 10.5 min, plus ~3 min scoring;
+* total ≈ 19.6 + 1 + 31.7 + 13.5 ≈ 66 min cold, ≈ 46 min with the foundations cached: inside the 90
+  min with ~24 min to spare for a busier machine (the members' steps are cheaper than InsightEdit's, so
   idle runs take less: see the README for the measured time). Smoke runs on the shared machine (load
   4-10): ``--steps 2 --eval-pairs 8`` took 6.4 min one seed after the other and 7.5 min side by side.
 
@@ -119,7 +120,7 @@ DEFAULT_STEPS = 300  # tiny/stage3.yaml's max_steps (see the time budget in the 
 # stage 1 of the members that align (~0.08 s a step): 300 steps (tiny/stage1.yaml's) left InsightEdit's add and
 # replace at the identity edit; 1,500 raised them to +2.1 / +3.2 dB (seed 0, 2026-12-03 22:52, docs/zoo.md)
 DEFAULT_ALIGN_STEPS = 1500
-DEFAULT_EVAL_PAIRS = 48
+DEFAULT_EVAL_PAIRS = 192  # 64 per task: one seed's evaluation noise is ~0.3 dB in all, not ~0.6 (see the README)
 DEFAULT_JOBS = 2  # the two seeds side by side, one torch thread each (see the time budget)
 
 
@@ -294,15 +295,34 @@ def fit(
 
 
 # --------------------------------------------------------------------------------------- evaluation
+def balanced_pick(tasks: list[str], count: int) -> list[int]:
+    """Positions of ``count`` items taken from ``tasks`` (each item's task, in a drawn order) a task at a time.
+
+    Round robin over the tasks in :data:`TASKS` order, each task's items in their order, so every task
+    gets an equal share (± 1) while it has items left; a task that runs out leaves its turns to the others.
+    """
+    queues = {
+        task: [i for i, t in enumerate(tasks) if t == task] for task in (*TASKS, *sorted(set(tasks) - set(TASKS)))
+    }
+    picked: list[int] = []
+    while len(picked) < count and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
+
+
 def held_out(data: AdvancedEditDataModule, count: int, batch_size: int, reasoning: float) -> list[dict[str, Any]]:
-    """The same ``count`` held-out samples on every call, phrased templated (0) or reasoning (1)."""
+    """The same ``count`` held-out samples on every call, an equal share of each task (:func:`balanced_pick`) from
+    a seeded order of the split, phrased templated (0) or reasoning (1)."""
     random.seed(1234)  # the phrasing within a pool is drawn from ``random``
     dataset = data.datasets["val"]
     config = dataset.builder.config
     dataset.builder.config = dataclasses.replace(config, reasoning_probability=reasoning)
     try:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()[:count]
-        samples = [dataset[i] for i in order]
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        picked = balanced_pick([dataset.records[i].task_type for i in order], count)
+        samples = [dataset[order[position]] for position in picked]
     finally:
         dataset.builder.config = config
     batches = []

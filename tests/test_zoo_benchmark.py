@@ -50,6 +50,15 @@ def test_psnr_in_mask_reads_only_the_mask(zoo: Any) -> None:
     assert values[1] == PSNR_CAP_DB  # identical inside the mask: the cap, not infinity
 
 
+def test_held_out_pairs_take_an_equal_share_of_each_task_in_the_drawn_order(zoo: Any) -> None:
+    tasks = ["replace", "replace", "add", "replace", "remove", "replace", "add", "remove", "replace", "replace"]
+    picked = zoo.balanced_pick(tasks, 6)
+    assert picked == [4, 2, 0, 7, 6, 1]  # remove, add, replace in turn; each task's first ones in the drawn order
+    assert zoo.balanced_pick(tasks, 9) == [4, 2, 0, 7, 6, 1, 3, 5, 8]  # remove and add ran out: replace goes on
+    assert sorted(zoo.balanced_pick(tasks, 100)) == list(range(len(tasks)))  # at most every item, once each
+    assert zoo.balanced_pick(tasks, 0) == []
+
+
 def test_members_whose_module_is_absent_are_skipped_with_a_note(zoo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
 
