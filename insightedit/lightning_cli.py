@@ -30,6 +30,7 @@ from insightedit.hub_weights import check_model_config
 from insightedit.training.cli_parser import InsightEditArgumentParser
 from insightedit.training.composition import compose_config_args
 from insightedit.training.config_saving import SaveResolvedConfig
+from insightedit.training.host_memory import suit_heap_to_model
 from insightedit.training.run_folder import check_fresh_run_folders
 from insightedit.training.run_outputs import check_run_outputs, drop_logger_only_callbacks
 from insightedit.training.safe_load import check_distributed_checkpoint, checkpoint_error
@@ -128,7 +129,11 @@ class InsightEditCLI(LightningCLI):
                 rank_zero_info(f"--overwrite: removed the previous run's {', '.join(map(str, removed))}")
 
     def after_instantiate_classes(self) -> None:
-        """Without a logger (``--trainer.logger=false``), leave out the callbacks that need one, with a note."""
+        """Leave out the callbacks that need a logger when there is none; suit the heap to the model's size.
+
+        Without a logger (``--trainer.logger=false``) the callbacks that need one are dropped with a note; a
+        small model's activations come from the padded heap (:func:`suit_heap_to_model`).
+        """
         dropped = drop_logger_only_callbacks(self.trainer) if self.subcommand else []
         if dropped:
             rank_zero_info(f"note: no logger (trainer.logger=false): {', '.join(dropped)} left out")
@@ -136,6 +141,7 @@ class InsightEditCLI(LightningCLI):
         checkpoint_folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
         resuming = self.subcommand == "fit" and bool(self.config["fit"].get("ckpt_path"))
         quiet_fresh_checkpoint_folders(checkpoint_folders, resuming)  # warned only beside another run's checkpoints
+        suit_heap_to_model(self.model)  # a small model's activations: the padded heap (training/host_memory.py)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer; :class:`StepProgressBar` and :class:`ModelSummaryTable` where Lightning would add its own."""
