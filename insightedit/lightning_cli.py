@@ -104,7 +104,15 @@ class InsightEditCLI(LightningCLI):
         return {**super()._prepare_subcommand_kwargs(subcommand), "weights_only": True}
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run the subcommand; a ``--ckpt_path`` (file, folder, ``last``) that names code is refused in one line."""
+        """Run the subcommand; what it refuses once the run is set up is one line.
+
+        A ``--ckpt_path`` (file, folder, ``last``) that names code is refused. Some trainer settings can only
+        be checked against the data (``val_check_interval`` larger than an epoch's batches): Lightning raises
+        them as a ``MisconfigurationException``, or a ``ValueError`` whose message starts with the setting's
+        name in backquotes. Any other error propagates unchanged.
+        """
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         path = self.config_init[subcommand].get("ckpt_path")
         if path and Path(path).is_dir():  # torch unpickles a sharded folder's index unrestricted: check it first
             check_distributed_checkpoint(path, "ckpt_path")
@@ -113,6 +121,12 @@ class InsightEditCLI(LightningCLI):
         except pickle.UnpicklingError as error:
             resolved = self.trainer.ckpt_path or path  # ``last`` / ``best`` as Lightning resolved them
             raise checkpoint_error(resolved, error, "ckpt_path") from None
+        except (MisconfigurationException, ValueError) as error:
+            text = " ".join(str(error).split())
+            refused_setting = isinstance(error, MisconfigurationException) or text.startswith("`")
+            if not refused_setting or os.environ.get("INSIGHTEDIT_DEBUG"):
+                raise
+            raise UserError(f"Lightning refused a setting of this run: {text}") from error
 
     def before_instantiate_classes(self) -> None:
         """``fit``/``test``: refuse run folders that cannot be written, before the model and data are built.
@@ -171,24 +185,6 @@ class InsightEditCLI(LightningCLI):
             if os.environ.get("INSIGHTEDIT_DEBUG"):
                 raise
             raise UserError(f"cannot build what the config describes: {_first_reason(error)}") from error
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Run the subcommand as Lightning does; a setting Lightning refuses once the run is set up is one line.
-
-        Some trainer settings can only be checked against the data (``val_check_interval`` larger than an
-        epoch's batches): Lightning raises them as a ``MisconfigurationException``, or a ``ValueError`` whose
-        message starts with the setting's name in backquotes. Any other error propagates unchanged.
-        """
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        try:
-            super()._run_subcommand(subcommand)
-        except (MisconfigurationException, ValueError) as error:
-            text = " ".join(str(error).split())
-            refused_setting = isinstance(error, MisconfigurationException) or text.startswith("`")
-            if not refused_setting or os.environ.get("INSIGHTEDIT_DEBUG"):
-                raise
-            raise UserError(f"Lightning refused a setting of this run: {text}") from error
 
 
 def shards_the_model(strategy: Any) -> bool:
