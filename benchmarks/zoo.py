@@ -41,8 +41,8 @@ two processes of one torch thread, which on 2 cores train faster together than o
 0.92×, benchmarks/results/shared_cpu.md). The arithmetic, conservative (every member at InsightEdit's step
 rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
 
-* foundations: 19.6 min cold on 2 idle cores (clip 10.5 with two threads, then mllm 9.1 beside
-  instruct_pix2pix 8.1, benchmarks/results/foundations_build.md); 0 when cached (the builder checks the
+* foundations: 16.8 min cold on 2 idle cores (clip 9.8 with two threads, then mllm 7.0 beside
+  instruct_pix2pix 6.7, benchmarks/results/foundations_build.md); 0 when cached (the builder checks the
   stamps and returns);
 * data: the synthetic world of each seed, ≤ 1 min on first use (57 s for seed 1 at load 4), cached;
 * training, per seed (the seeds in parallel): 6 members × 300 steps / 1.38 steps/s = 21.7 min, plus the
@@ -50,8 +50,8 @@ rate; InstructPix2Pix's step costs half, benchmarks/results/step_cost.json):
 * evaluation, per seed: 6 members × 2 phrasings × 192 pairs = 2,304 edits (20 DDIM steps, batches of
   16) at 0.16-0.36 s each on one thread (the 48-pair run at 3b32cbf: 15-35 s per member for its 96
   edits, benchmarks/results/zoo_results_48pairs.json) ≈ 10.5 min, plus ~3 min scoring;
-* total ≈ 19.6 + 1 + 31.7 + 13.5 ≈ 66 min cold, ≈ 46 min with the foundations cached: inside the 90
-  min with ~24 min to spare for a busier machine (the members' steps are cheaper than InsightEdit's, so
+* total ≈ 16.8 + 1 + 31.7 + 13.5 ≈ 63 min cold, ≈ 46 min with the foundations cached: inside the 90
+  min with ~27 min to spare for a busier machine (the members' steps are cheaper than InsightEdit's, so
   idle runs take less: see the README for the measured time). Smoke runs on the shared machine (load
   4-10): ``--steps 2 --eval-pairs 8`` took 6.4 min one seed after the other and 7.5 min side by side.
 
