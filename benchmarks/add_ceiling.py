@@ -26,19 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
 
 from insightedit.data.scenes import COLOURS, SceneObject, random_scene, where  # noqa: E402
-from insightedit.evaluation.metrics import PSNR_CAP_DB  # noqa: E402
+from insightedit.evaluation.metrics import PSNR_CAP_DB, psnr_in_region, to_unit_tensor  # noqa: E402
 
 EDITORS = ("identity", "placed", "expected")
 
@@ -49,9 +49,12 @@ def radius_range(size: int) -> tuple[int, int]:
 
 
 def psnr_in_mask(edited: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """PSNR (dB, data range 1) of uint8 / float (H, W, 3) images inside ``mask``, capped as the zoo caps it."""
-    error = float((((edited.astype(np.float64) - target.astype(np.float64)) / 255.0) ** 2)[mask].mean())
-    return PSNR_CAP_DB if error <= 0 else min(PSNR_CAP_DB, -10 * math.log10(error))
+    """PSNR (dB, data range 1) of uint8-scaled (H, W, 3) images inside ``mask``, capped as the zoo caps it."""
+    weights = torch.from_numpy(np.asarray(mask, dtype=np.float64))[None, None]
+    scaled = [to_unit_tensor(np.asarray(image, dtype=np.float64) / 255.0) for image in (edited, target)]
+    value = psnr_in_region(*scaled, weights)
+    assert value is not None, "an add's mask is never empty"
+    return value.value
 
 
 def placements(obj: SceneObject, size: int, count: int, rng: np.random.Generator) -> list[SceneObject]:
@@ -91,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    for option in ("scenes", "draws"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be ≥ 1")
+    if args.size < 16:
+        parser.error("--size must be ≥ 16 (the synthetic world's smallest)")
     started = time.perf_counter()
     scenes, draws = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
     scores: dict[str, list[float]] = {name: [] for name in EDITORS}

@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=512, help="held-out questions")
     parser.add_argument("--out", type=Path, default=None, help="write the report to <out>/mllm_diagnosis.md")
     args = parser.parse_args()
+    if not (Path(args.export) / "config.json").is_file():
+        parser.error(f"{args.export}: no MLLM foundation export (no config.json); `insightedit foundations` builds one")
     report: list[str] = []
 
     def say(line: str) -> None:

@@ -37,7 +37,8 @@ from zoo_stats import TASKS  # noqa: E402
 
 from insightedit.commands.foundations import FOUNDATIONS_ENV, default_root  # noqa: E402
 from insightedit.data import AdvancedEditDataModule  # noqa: E402
-from insightedit.evaluation.model_test import EditTestRun, TestSettings  # noqa: E402
+from insightedit.errors import UserError  # noqa: E402
+from insightedit.evaluation.model_test import EditTestRun  # noqa: E402
 
 DEFAULT_GRID = (
     "20:7.5:1.5", "20:5:1.5", "20:3:1.5", "20:2:1.5", "20:1:1.5", "20:3:1", "20:1:1",
@@ -106,8 +107,11 @@ def train(member: str, root: Path, data: AdvancedEditDataModule, args: argparse.
     return system
 
 
-def sweep(system: Any, member: str, batches: list[dict[str, Any]], base: TestSettings, grid: list[Sampler]) -> dict:
-    """Each setting's per-task scores (the zoo's scorer) and seconds to edit the held-out pairs."""
+def sweep(
+    system: Any, member: str, batches: list[dict[str, Any]], run: EditTestRun, grid: list[Sampler]
+) -> dict[str, Any]:
+    """Each setting's per-task scores (the zoo's scorer, one row of ``run`` per setting) and seconds to edit."""
+    base = run.settings
     rows: dict[str, Any] = {}
     for sampler in grid:
         test = dataclasses.replace(
@@ -116,7 +120,8 @@ def sweep(system: Any, member: str, batches: list[dict[str, Any]], base: TestSet
         started = time.perf_counter()
         edits = zoo.edit_all(system, batches, test)
         seconds = time.perf_counter() - started
-        scores = zoo.score({"templated": EditTestRun(base)}, member, {"templated": batches}, {"templated": edits})
+        row = f"{member}, {sampler.label}"
+        scores = zoo.score({"templated": run}, row, {"templated": batches}, {"templated": edits})
         rows[sampler.label] = {"sampler": dataclasses.asdict(sampler), "edit_seconds": round(seconds, 1),
                                "scores": scores["templated"]}  # fmt: skip
         groups = scores["templated"]
@@ -165,13 +170,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     root = args.foundations or default_root()
     os.environ[FOUNDATIONS_ENV] = str(root)
+    zoo.ensure_foundations(root, build=False)  # a missing one: one line saying how to build it
     shared = zoo.read_config(zoo.SHARED)
     _, base = zoo.test_settings(shared, zoo.parse_args(["--no-build"]))
     data = AdvancedEditDataModule(**zoo.seed_data_args(shared, args.seed, None))
     data.prepare_data()
     data.setup("fit")
     batches = zoo.held_out(data, args.eval_pairs, 16, 0.0)
-    identity_scores = zoo.score({"templated": EditTestRun(base)}, "identity", {"templated": batches},
+    run = EditTestRun(base)  # the scorers (LPIPS among them) load once; every setting is a row of it
+    identity_scores = zoo.score({"templated": run}, "identity", {"templated": batches},
                                 {"templated": zoo.edit_all(None, batches, base)})  # fmt: skip
     results: dict[str, Any] = {
         **provenance(), "seed": args.seed, "steps": args.steps, "align_steps": args.align_steps,
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for member in args.members:
             system = train(member, root, data, args, Path(work))
             with torch.no_grad():
-                results["members"][member] = sweep(system, member, batches, base, args.grid)
+                results["members"][member] = sweep(system, member, batches, run, args.grid)
             del system
     results["wall_minutes"] = (time.perf_counter() - started) / 60
     args.out.mkdir(parents=True, exist_ok=True)
@@ -193,4 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from _benchmarks import load_benchmark
 from PIL import Image
 
 from insightedit.errors import UserError
@@ -30,12 +31,7 @@ def stats() -> Any:
 @pytest.fixture(scope="module")
 def zoo() -> Any:
     """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("zoo_benchmark", ROOT / "benchmarks" / "zoo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["zoo_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("zoo")
 
 
 def test_psnr_in_mask_reads_only_the_mask(zoo: Any) -> None:

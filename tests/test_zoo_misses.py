@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,30 +11,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 from insightedit.data.scenes import COLOURS, Scene, SceneObject, where
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str) -> Any:
-    """A benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"{name}_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def ceiling() -> Any:
-    return _script("add_ceiling")
+    return load_benchmark("add_ceiling")
 
 
 @pytest.fixture(scope="module")
 def zoo() -> Any:
-    return _script("zoo")
+    return load_benchmark("zoo")
 
 
 def test_the_ceiling_scores_as_the_zoo_scores(ceiling: Any, zoo: Any) -> None:
@@ -92,12 +81,25 @@ def test_an_editor_that_knows_the_place_beats_the_identity_edit(ceiling: Any, tm
 
 
 def test_sampler_settings_parse_and_refuse_malformed_ones() -> None:
-    sampling = _script("zoo_sampling")
+    sampling = load_benchmark("zoo_sampling")
     sampler = sampling.Sampler.parse("20:7.5:1.5")
     assert (sampler.steps, sampler.text, sampler.image) == (20, 7.5, 1.5)
     assert sampler.label == "20 steps, 7.5 / 1.5"
     with pytest.raises(argparse.ArgumentTypeError, match="steps:text:image"):
         sampling.Sampler.parse("20:7.5")
     args = sampling.parse_args([])
-    assert args.seed == 2 and args.seed not in _script("zoo").DEFAULT_SEEDS  # never a seed the zoo reports
+    assert args.seed == 2 and args.seed not in load_benchmark("zoo").DEFAULT_SEEDS  # never a seed the zoo reports
     assert sampling.Sampler.parse("20:7.5:1.5") in args.grid  # the protocol's own setting is in the sweep
+
+
+def test_sampling_without_foundations_is_one_line(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_sampling.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--foundations", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: foundation clip:") and "insightedit foundations --out" in last
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
